@@ -19,7 +19,7 @@ from torch import nn
 
 @dataclass
 class TextEncoderConfig:
-    name_or_path: str = ""        # local directory (save_pretrained layout) or hub id; "" = no encoder
+    name_or_path: str = "tiny-t5"  # local directory (save_pretrained layout), hub id, or "tiny-t5"
     prompt_length: int = 256      # tokens kept per prompt (padded / truncated)
     dtype: str = "float32"        # "float32" or "bfloat16" for the frozen weights and features
 
@@ -28,7 +28,29 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or os.sep in spec and not spec.count("/") == 1
 
 
+# The embedded default's encoder: a tiny random T5 built offline on first use (see build_tiny_t5).
+TINY_T5 = "tiny-t5"
+
+
+def tiny_t5_dir() -> Path:
+    root = Path(os.environ.get("MINIT2I_CACHE", Path.home() / ".cache" / "minit2i"))
+    path = root / TINY_T5
+    if not (path / "config.json").is_file():
+        # Build beside the target and rename, so concurrent workers never see a half-written folder.
+        tmp = root / f".{TINY_T5}.{os.getpid()}.tmp"
+        build_tiny_t5(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process won the race; its copy is identical (seeded)
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def _check_exists(spec: str) -> str:
+    if spec == TINY_T5:
+        return str(tiny_t5_dir())
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -1,0 +1,349 @@
+"""MM-JiT: MiniT2I's pixel-space double-stream transformer, in one file.
+
+"A Minimalist Baseline for Text-to-Image Generation" (MiniT2I, 2026), built on JiT ("Back to
+Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720) and MM-DiT (SD3,
+arXiv 2403.03206). The network maps a noisy image and frozen text features to a clean image
+(x-prediction); it has no timestep input and no AdaLN: the noisy image itself tells the noise level.
+The flow-matching objective and samplers live apart, in `model/denoiser.py`.
+
+Read top to bottom: config, position embeddings, embedders, blocks, the model, FLOPs, presets.
+Shape letters: B batch, C channels, N image tokens, L text tokens, S = L + N, D width,
+H heads, Dh head dim, P patch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MMJiTConfig:
+    image_size: int = 512          # square input/output resolution in pixels
+    patch_size: int = 16           # P: pixels per patch side
+    in_channels: int = 3           # RGB in [-1, 1]
+    text_dim: int = 1024           # width of the frozen text features (FLAN-T5-large: 1024)
+    text_length: int = 256         # maximum prompt length in tokens
+    width: int = 768               # D: hidden size of both streams
+    depth: int = 17                # double-stream joint-attention blocks
+    text_depth: int = 2            # text adapter ("preamble") blocks before the joint blocks
+    num_heads: int = 12            # H
+    head_dim: int = 64             # Dh; H * Dh == D
+    mlp_ratio: float = 2.6667      # SwiGLU hidden = D * mlp_ratio, rounded up to a multiple of 8
+    bottleneck: int = 128          # channels of the low-rank patch embedding (JiT)
+    rope_theta: float = 10000.0    # RoPE base frequency
+
+    def __post_init__(self):
+        if self.num_heads * self.head_dim != self.width:
+            raise ValueError(f"num_heads * head_dim must equal width: {self.num_heads} * {self.head_dim} != {self.width}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.head_dim % 4:
+            raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 (2D RoPE splits it in two halves of pairs)")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return (int(self.width * self.mlp_ratio) + 7) // 8 * 8
+
+
+# --------------------------------------------------------------------------------------------
+# Position embeddings: fixed 2D sin-cos added to image tokens (MAE), RoPE inside attention.
+# --------------------------------------------------------------------------------------------
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """pos [M] -> [M, dim]: sin of dim/2 frequencies, then cos (MAE's layout)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos.double()[:, None] * omega[None]                             # [M, dim/2]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """[grid*grid, dim]: half the channels encode the row, half the column (row-major tokens)."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    # MAE's convention: the first half embeds the column (w) coordinate, the second the row (h).
+    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+
+
+def rope_angles_1d(dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """[M] positions -> [M, dim] angles, duplicated across the two halves for rotate_half."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)     # [dim/2]
+    angles = positions.double()[:, None] * inv_freq[None]                              # [M, dim/2]
+    return torch.cat([angles, angles], dim=1)
+
+
+def rope_angles_2d(dim: int, grid: int, theta: float) -> torch.Tensor:
+    """[grid*grid, dim] axial angles: within each half, the first quarter rotates with the row, the
+    second with the column, each at dim/4 frequencies (half the head dim per axis)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim // 2, 2, dtype=torch.float64) / (dim // 2))  # [dim/4]
+    pos = torch.arange(grid, dtype=torch.float64)
+    f_row = (pos[:, None, None] * inv_freq).expand(grid, grid, -1)        # [g, g, dim/4]
+    f_col = (pos[None, :, None] * inv_freq).expand(grid, grid, -1)        # [g, g, dim/4]
+    half = torch.cat([f_row, f_col], dim=-1).reshape(grid * grid, dim // 2)
+    return torch.cat([half, half], dim=1)                                 # [N, dim]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, Dh]; cos, sin [S, Dh]."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without affine parameters (every norm in MM-JiT)."""
+    return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Embedders
+# --------------------------------------------------------------------------------------------
+
+class BottleneckPatchEmbed(nn.Module):
+    """P x P patches -> a low-rank bottleneck (no bias) -> width (JiT's bottleneck embedding)."""
+
+    def __init__(self, cfg: MMJiTConfig):
+        super().__init__()
+        self.proj1 = nn.Conv2d(cfg.in_channels, cfg.bottleneck, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.proj2 = nn.Conv2d(cfg.bottleneck, cfg.width, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj2(self.proj1(x))                                     # [B, D, g, g]
+        return x.flatten(2).transpose(1, 2)                               # [B, N, D]
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class StreamWeights(nn.Module):
+    """One stream's weights in a block: qkv (with bias), out-proj (with bias), SwiGLU."""
+
+    def __init__(self, cfg: MMJiTConfig):
+        super().__init__()
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=True)
+        self.proj = nn.Linear(cfg.width, cfg.width, bias=True)
+        self.mlp = SwiGLU(cfg.width, cfg.mlp_hidden)
+        self.num_heads = cfg.num_heads
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, M, D] -> q, k, v [B, H, M, Dh], q and k RMS-normalised per head (qk-norm)."""
+        B, M, D = x.shape
+        qkv = self.qkv(rms_norm(x)).view(B, M, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # each [B, H, M, Dh]
+        return rms_norm(q), rms_norm(k), v
+
+
+def attention(q, k, v, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """q, k, v [B, H, S, Dh]; key_mask [B, S] bool (True = attend) -> [B, S, H*Dh]."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]      # [B, 1, 1, S]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)        # [B, H, S, Dh]
+    return out.transpose(1, 2).flatten(2)                                 # [B, S, D]
+
+
+class TextAdapterBlock(nn.Module):
+    """Plain pre-norm transformer block on the text stream alone, 1D RoPE, qk-norm."""
+
+    def __init__(self, cfg: MMJiTConfig):
+        super().__init__()
+        self.text = StreamWeights(cfg)
+
+    def forward(self, txt, cos, sin, key_mask):
+        q, k, v = self.text.qkv_heads(txt)                                # [B, H, L, Dh]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        txt = txt + self.text.proj(attention(q, k, v, key_mask))          # [B, L, D]
+        return txt + self.text.mlp(rms_norm(txt))
+
+
+class DoubleStreamBlock(nn.Module):
+    """MM-DiT block without AdaLN: separate image and text weights, one joint attention over
+    [text; image] with 1D RoPE on text positions and 2D RoPE on image positions."""
+
+    def __init__(self, cfg: MMJiTConfig):
+        super().__init__()
+        self.image = StreamWeights(cfg)
+        self.text = StreamWeights(cfg)
+
+    def forward(self, img, txt, cos, sin, key_mask):
+        L = txt.shape[1]
+        qi, ki, vi = self.image.qkv_heads(img)                            # [B, H, N, Dh]
+        qt, kt, vt = self.text.qkv_heads(txt)                             # [B, H, L, Dh]
+        q = apply_rope(torch.cat([qt, qi], dim=2), cos, sin)              # [B, H, S, Dh]
+        k = apply_rope(torch.cat([kt, ki], dim=2), cos, sin)
+        v = torch.cat([vt, vi], dim=2)
+        out = attention(q, k, v, key_mask)                                # [B, S, D]
+        txt = txt + self.text.proj(out[:, :L])                            # [B, L, D]
+        img = img + self.image.proj(out[:, L:])                           # [B, N, D]
+        txt = txt + self.text.mlp(rms_norm(txt))
+        img = img + self.image.mlp(rms_norm(img))
+        return img, txt
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+class MMJiT(nn.Module):
+    """(noisy image [B, C, H, W], text features [B, L, C_txt], text mask [B, L]) -> clean image."""
+
+    def __init__(self, cfg: MMJiTConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = BottleneckPatchEmbed(cfg)
+        self.text_embed = nn.Linear(cfg.text_dim, cfg.width, bias=False)
+        # Padded text positions are replaced by this learned token before the text embedding.
+        self.mask_token = nn.Parameter(torch.zeros(cfg.text_dim))
+        self.text_blocks = nn.ModuleList(TextAdapterBlock(cfg) for _ in range(cfg.text_depth))
+        self.blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        P2C = cfg.patch_size ** 2 * cfg.in_channels
+        self.final = nn.Linear(cfg.width, P2C, bias=True)                 # after an RMSNorm, zero-init
+
+        self.register_buffer("pos_embed", sincos_2d(cfg.width, cfg.grid), persistent=False)   # [N, D]
+        txt_angles = rope_angles_1d(cfg.head_dim, torch.arange(cfg.text_length), cfg.rope_theta)
+        img_angles = rope_angles_2d(cfg.head_dim, cfg.grid, cfg.rope_theta)
+        self.register_buffer("rope_text", torch.stack([txt_angles.cos(), txt_angles.sin()]).float(), persistent=False)
+        self.register_buffer("rope_image", torch.stack([img_angles.cos(), img_angles.sin()]).float(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for conv in (self.patch_embed.proj1, self.patch_embed.proj2):
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj2.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.zeros_(self.final.weight)                                 # output is exactly 0 at init
+        nn.init.zeros_(self.final.bias)
+
+    def _check_inputs(self, x, text, mask):
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[-2:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"image batch has shape {tuple(x.shape)}; this model takes [B, {cfg.in_channels}, "
+                f"{cfg.image_size}, {cfg.image_size}] (config image_size={cfg.image_size})"
+            )
+        if text.dim() != 3 or text.shape[-1] != cfg.text_dim:
+            raise ValueError(
+                f"text features have shape {tuple(text.shape)}; this model takes [B, L, {cfg.text_dim}] "
+                f"(config text_dim={cfg.text_dim}: does the text encoder match the checkpoint?)"
+            )
+        if text.shape[1] > cfg.text_length:
+            raise ValueError(f"text length {text.shape[1]} exceeds the model's text_length {cfg.text_length}")
+        if mask.shape != text.shape[:2] or text.shape[0] != x.shape[0]:
+            raise ValueError(f"text mask {tuple(mask.shape)} must be [B, L] = {tuple(text.shape[:2])} with B = {x.shape[0]}")
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        B, g, P, C = x.shape[0], cfg.grid, cfg.patch_size, cfg.in_channels
+        x = x.view(B, g, g, P, P, C)                                      # [B, g, g, P, P, C]
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * P, g * P)    # [B, C, H, W]
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(x, text, mask)
+        mask = mask.bool()
+        L = text.shape[1]
+        text = torch.where(mask[..., None], text, self.mask_token.to(text.dtype))  # [B, L, C_txt]
+
+        img = self.patch_embed(x) + self.pos_embed.to(x.dtype)            # [B, N, D]
+        txt = self.text_embed(text)                                       # [B, L, D]
+
+        cos_t, sin_t = self.rope_text[:, :L]                              # [L, Dh] each
+        # A caption dropped for CFG has no valid token; its adapter rows then attend over the mask
+        # tokens (the joint blocks still mask them all out) instead of over nothing.
+        text_keys = mask | ~mask.any(dim=1, keepdim=True)                 # [B, L]
+        for block in self.text_blocks:
+            txt = block(txt, cos_t, sin_t, text_keys)
+
+        cos = torch.cat([cos_t, self.rope_image[0]])                      # [S, Dh]
+        sin = torch.cat([sin_t, self.rope_image[1]])
+        keys = torch.cat([mask, mask.new_ones(x.shape[0], img.shape[1])], dim=1)   # [B, S]
+        for block in self.blocks:
+            img, txt = block(img, txt, cos, sin, keys)
+
+        out = self.final(rms_norm(img))                                   # [B, N, P*P*C]
+        return self.unpatchify(out)                                       # [B, C, H, W]
+
+
+# --------------------------------------------------------------------------------------------
+# Size and compute
+# --------------------------------------------------------------------------------------------
+
+def count_params(cfg: MMJiTConfig) -> int:
+    """Exact parameter count, from the module itself on the meta device (no memory used)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in MMJiT(cfg).parameters())
+
+
+def forward_flops(cfg: MMJiTConfig, text_len: int | None = None) -> dict[str, float]:
+    """Analytic FLOPs of one forward pass for one image (2 FLOPs per multiply-add).
+
+    Counts every matmul and the attention products; norms, RoPE and activations are left out
+    (well under 1%). Training costs ~3x this per image (forward + backward).
+    """
+    L = cfg.text_length if text_len is None else text_len
+    N, D, F_ = cfg.num_patches, cfg.width, cfg.mlp_hidden
+    S = L + N
+    per_token = 2 * (3 * D * D + D * D + 3 * D * F_)                      # qkv, out-proj, SwiGLU
+    attn = lambda n: 2 * 2 * n * n * D                                     # QK^T and AV
+    flops = {
+        "patch_embed": 2 * N * (cfg.patch_size ** 2 * cfg.in_channels * cfg.bottleneck + cfg.bottleneck * D),
+        "text_embed": 2 * L * cfg.text_dim * D,
+        "text_blocks": cfg.text_depth * (L * per_token + attn(L)),
+        "joint_blocks": cfg.depth * (S * per_token + attn(S)),
+        "final": 2 * N * D * cfg.patch_size ** 2 * cfg.in_channels,
+    }
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+# --------------------------------------------------------------------------------------------
+# Presets (MiniT2I's released shapes; `debug` is for tests and the CPU demo)
+# --------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict] = {
+    "debug": dict(image_size=32, patch_size=4, text_dim=64, text_length=64, width=128, depth=4,
+                  num_heads=4, head_dim=32, bottleneck=32),
+    "B/32": dict(patch_size=32, width=768, depth=17, num_heads=12, head_dim=64),
+    "B/16": dict(patch_size=16, width=768, depth=17, num_heads=12, head_dim=64),
+    "L/16": dict(patch_size=16, width=1248, depth=23, num_heads=24, head_dim=52, mlp_ratio=2.7),
+}
+
+
+def preset(name: str, **overrides) -> MMJiTConfig:
+    """A named preset with optional field overrides, e.g. preset("B/16", text_dim=1024)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(MMJiTConfig)}
+    bad = set(overrides) - fields
+    if bad:
+        raise ValueError(f"unknown model config key(s) {sorted(bad)}; valid keys: {sorted(fields)}")
+    return MMJiTConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,32 @@
+import torch
+from PIL import Image
+
+from model.checkpoint import save_weights
+from model.denoiser import DenoiserConfig
+from model.mmjit import MMJiT, preset
+from model.text_encoder import TextEncoderConfig, build_tiny_t5
+from tests.conftest import run_cli
+
+
+def test_sample_cli_from_a_checkpoint_writes_a_grid(tmp_path):
+    t5 = build_tiny_t5(tmp_path / "t5", d_model=32, num_layers=1, num_heads=2)
+    cfg = preset("debug", text_dim=32, text_length=16)
+    net = MMJiT(cfg)
+    torch.nn.init.normal_(net.final.weight, std=0.05)
+    save_weights(tmp_path / "ckpt", net.state_dict(), cfg, TextEncoderConfig(str(t5), 16), DenoiserConfig(), name="ema_0.999")
+    out = tmp_path / "grid.png"
+    args = ["sample", "--checkpoint", tmp_path / "ckpt", "--prompt", "a red circle", "--prompt", "two blue squares",
+            "--per-prompt", "2", "--steps", "3", "--cfg", "3", "--sampler", "euler", "--seed", "5", "--out", out]
+    proc = run_cli(*args)
+    assert "ema_0.999" in proc.stdout
+    first = Image.open(out).tobytes()
+    assert Image.open(out).size[0] >= 2 * 128
+    run_cli(*args)
+    assert Image.open(out).tobytes() == first            # same seed, same grid
+
+
+def test_sample_cli_reports_bad_input(tmp_path):
+    proc = run_cli("sample", "--checkpoint", tmp_path / "missing", check=False)
+    assert proc.returncode == 2 and "checkpoint folder" in proc.stderr and "does not exist" in proc.stderr
+    proc = run_cli("sample", "--preset", "Q/7", "--steps", "1", "--out", tmp_path / "g.png", check=False)
+    assert proc.returncode == 2 and "unknown model preset 'Q/7'" in proc.stderr

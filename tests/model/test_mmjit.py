@@ -1,0 +1,133 @@
+import dataclasses
+
+import pytest
+import torch
+
+from model.mmjit import (
+    MMJiT, PRESETS, apply_rope, count_params, forward_flops, preset, rope_angles_1d, rope_angles_2d,
+)
+
+
+def small(name: str, **kw):
+    """A preset at a small image size and one block: the real layer shapes, cheap to run."""
+    size = 2 * (32 if name == "B/32" else 16) if name != "debug" else 32
+    return preset(name, image_size=size, text_dim=32, text_length=8, depth=1, **kw)
+
+
+def inputs(cfg, B=2, L=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    text = torch.randn(B, L, cfg.text_dim, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, L // 2:] = False
+    return x, text, mask
+
+
+def randomize_output(net):
+    torch.manual_seed(1)
+    torch.nn.init.normal_(net.final.weight, std=0.02)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_shapes_every_preset(name):
+    cfg = small(name)
+    net = MMJiT(cfg)
+    x, text, mask = inputs(cfg)
+    out = net(x, text, mask)
+    assert out.shape == x.shape
+    assert out.dtype == torch.float32
+
+
+def test_output_exactly_zero_at_init():
+    cfg = preset("debug")
+    x, text, mask = inputs(cfg)
+    assert torch.count_nonzero(MMJiT(cfg)(x, text, mask)) == 0
+
+
+def test_padded_text_positions_do_not_change_the_image():
+    cfg = preset("debug", text_length=8)
+    net = MMJiT(cfg).eval()
+    randomize_output(net)
+    x, text, mask = inputs(cfg)
+    out = net(x, text, mask)
+    text2 = text.clone()
+    text2[~mask] = torch.randn_like(text2[~mask]) * 100
+    assert torch.equal(net(x, text2, mask), out)
+    # ...while a valid token does change it
+    text3 = text.clone()
+    text3[0, 0] += 1.0
+    assert not torch.allclose(net(x, text3, mask)[0], out[0])
+
+
+def test_dropped_caption_is_finite_and_ignores_text():
+    cfg = preset("debug", text_length=8)
+    net = MMJiT(cfg).eval()
+    randomize_output(net)
+    x, text, _ = inputs(cfg)
+    empty = torch.zeros(2, 8, dtype=torch.bool)
+    a = net(x, text, empty)
+    b = net(x, torch.randn_like(text), empty)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def _dot_after_rope(angles, q, k, m, n):
+    cos, sin = angles.cos().float(), angles.sin().float()
+    qr = apply_rope(q[None, None, None], cos[m][None], sin[m][None])
+    kr = apply_rope(k[None, None, None], cos[n][None], sin[n][None])
+    return (qr * kr).sum()
+
+
+def test_rope_depends_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(32), torch.randn(32)
+    text = rope_angles_1d(32, torch.arange(40), 10000.0)
+    d1 = _dot_after_rope(text, q, k, 3, 10)
+    d2 = _dot_after_rope(text, q, k, 20, 27)
+    d3 = _dot_after_rope(text, q, k, 20, 28)
+    assert torch.allclose(d1, d2, atol=1e-5) and not torch.allclose(d1, d3, atol=1e-3)
+
+    grid = 8
+    img = rope_angles_2d(32, grid, 10000.0)
+    at = lambda r, c: r * grid + c
+    e1 = _dot_after_rope(img, q, k, at(1, 2), at(3, 5))
+    e2 = _dot_after_rope(img, q, k, at(4, 1), at(6, 4))      # same (dr, dc) = (2, 3)
+    e3 = _dot_after_rope(img, q, k, at(4, 1), at(6, 5))
+    e4 = _dot_after_rope(img, q, k, at(1, 2), at(4, 4))      # rows and columns are not interchangeable
+    assert torch.allclose(e1, e2, atol=1e-5)
+    assert not torch.allclose(e1, e3, atol=1e-3) and not torch.allclose(e1, e4, atol=1e-3)
+
+
+def test_reference_parameter_counts():
+    # MiniT2I's released shapes: B/16 ~258M and L/16 ~912M with 4096-dim (T5-XXL-width) features;
+    # with FLAN-T5-large's 1024-dim features B/16 is ~256.5M.
+    assert count_params(preset("B/16", text_dim=1024)) == 256_489_984
+    assert round(count_params(preset("B/16", text_dim=4096)) / 1e6) == 259
+    assert round(count_params(preset("L/16", text_dim=4096)) / 1e6) == 912
+    assert preset("L/16").mlp_hidden == 3376 and preset("B/16").mlp_hidden == 2048
+
+
+def test_flops_match_a_hand_count():
+    cfg = preset("B/16", text_dim=1024)
+    f = forward_flops(cfg)
+    D, S, Fh = 768, 1280, 2048
+    joint = 17 * (S * 2 * (4 * D * D + 3 * D * Fh) + 4 * S * S * D)
+    assert f["joint_blocks"] == joint
+    assert 395e9 < f["total"] < 410e9          # CONTEXT.md: ~400 GFLOPs for the B/16 denoiser
+
+
+def test_bad_inputs_say_what_is_wrong():
+    cfg = preset("debug")
+    net = MMJiT(cfg)
+    x, text, mask = inputs(cfg)
+    with pytest.raises(ValueError, match="image batch has shape .*32, 32"):
+        net(torch.randn(2, 3, 64, 64), text, mask)
+    with pytest.raises(ValueError, match="text features .*64"):
+        net(x, torch.randn(2, 8, 10), mask)
+    with pytest.raises(ValueError, match="text mask"):
+        net(x, text, mask[:, :3])
+    with pytest.raises(ValueError, match="unknown model preset 'Z/9'.*debug, B/32, B/16, L/16"):
+        preset("Z/9")
+    with pytest.raises(ValueError, match="unknown model config key"):
+        preset("debug", widht=3)
+    with pytest.raises(ValueError, match="num_heads \\* head_dim"):
+        dataclasses.replace(preset("debug"), num_heads=3)
