@@ -1,0 +1,219 @@
+"""GPU measurements that only a GPU can give: B/16 training throughput and MFU at 512px in bf16,
+sampling speed, T5 encoding cost, and VLM recaption throughput.
+
+Ray- and DeepSpeed-free on purpose: it times the same `training_loss` step the Ray Train job runs
+(plain torch, bf16 autocast over fp32 master weights, fused AdamW with beta2 0.95), so it runs on a
+bare GPU box. Weights are random (throughput does not depend on their values); the VLM is built from
+a LLaVA-1.5-7B-shaped config with random weights and forced to generate a fixed number of tokens.
+
+    python benchmarks/gpu_bench.py --out results.json            # everything, ~5 minutes on an H100
+    python benchmarks/gpu_bench.py --only train --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from model.denoiser import DenoiserConfig, SamplerConfig, sample, training_loss
+from model.mmjit import MMJiT, forward_flops, preset
+
+# Dense bf16 tensor-core peaks from the datasheets (TFLOP/s), for MFU.
+PEAK_BF16 = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}
+
+
+def peak_for(name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def timed(fn, warmup: int, iters: int) -> float:
+    """Median seconds per call, with CUDA sync around each timed call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_ceiling() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    sec = timed(lambda: a @ b, 3, 10)
+    return 2 * 8192 ** 3 / sec / 1e12
+
+
+def text_inputs(B: int, L: int, dim: int, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(0)
+    text = torch.randn(B, L, dim, device=device, generator=g)
+    lengths = torch.randint(8, L, (B,), device=device, generator=g)         # realistic padding
+    mask = torch.arange(L, device=device)[None] < lengths[:, None]
+    return text, mask
+
+
+def bench_train(preset_name: str, batch: int, compile_: bool, steps: int, peak: float | None) -> dict:
+    torch.manual_seed(0)
+    cfg = preset(preset_name, text_dim=1024, image_size=512)
+    net = MMJiT(cfg).cuda()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    fwd = torch.compile(net) if compile_ else net
+    x = torch.rand(batch, 3, 512, 512, device="cuda") * 2 - 1
+    text, mask = text_inputs(batch, 256, 1024)
+    den = DenoiserConfig()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = training_loss(fwd, x, text, mask, den, gen)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    sec = timed(step, 5 if compile_ else 3, steps)
+    img_s = batch / sec
+    tflops = img_s * 3 * forward_flops(cfg)["total"] / 1e12
+    out = {"preset": preset_name, "batch": batch, "compile": compile_, "step_s": sec, "img_s": img_s,
+           "model_tflops": tflops, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+    if peak:
+        out["mfu"] = tflops / peak
+    del net, opt, fwd
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_sampling(batch: int, steps: int, sampler: str, compile_: bool) -> dict:
+    torch.manual_seed(0)
+    cfg = preset("B/16", text_dim=1024, image_size=512)
+    net = MMJiT(cfg).cuda().to(torch.bfloat16).eval()
+    torch.nn.init.normal_(net.final.weight, std=0.02)
+    fwd = torch.compile(net) if compile_ else net
+    text, mask = text_inputs(batch, 256, 1024)
+    text = text.to(torch.bfloat16)
+    scfg = SamplerConfig(sampler=sampler, steps=steps, cfg_scale=2.0)
+
+    def run():
+        return sample(lambda z, t, m: fwd(z.to(torch.bfloat16), t, m), text, mask, (batch, 3, 512, 512), scfg,
+                      generator=torch.Generator(device="cuda").manual_seed(0))
+
+    sec = timed(run, 1, 2)
+    nfe = steps if sampler == "euler" else 2 * steps - 1
+    return {"sampler": sampler, "steps": steps, "nfe": nfe, "batch": batch, "compile": compile_,
+            "sec": sec, "img_s": batch / sec}
+
+
+def bench_t5(batch: int) -> dict:
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+    with torch.device("cuda"):
+        enc = T5EncoderModel(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 32000, (batch, 256), device="cuda")
+    attn = torch.ones_like(ids)
+    with torch.no_grad():
+        sec = timed(lambda: enc(input_ids=ids, attention_mask=attn), 2, 10)
+    return {"model": "FLAN-T5-large-shaped encoder (bf16)", "batch": batch, "prompts_s": batch / sec}
+
+
+def bench_recaption(batch: int, new_tokens: int) -> dict:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlavaForConditionalGeneration(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    n_img = 576  # (336/14)^2 image tokens, LLaVA-1.5 layout
+    prompt = torch.cat([torch.tensor([1]), torch.full((n_img,), 32000), torch.randint(100, 30000, (40,))])
+    ids = prompt[None].repeat(batch, 1).cuda()
+    pixels = torch.randn(batch, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    sec = timed(run, 1, 2)
+    params = sum(p.numel() for p in model.parameters())
+    return {"model": f"LLaVA-1.5-7B-shaped ({params / 1e9:.2f}B, bf16, random weights)", "batch": batch,
+            "new_tokens": new_tokens, "sec": sec, "images_s": batch / sec, "tokens_s": batch * new_tokens / sec}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--only", choices=["matmul", "train", "sample", "t5", "recaption"], action="append")
+    p.add_argument("--batch", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench.json"))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark measures GPU throughput only", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    name = torch.cuda.get_device_name()
+    peak = peak_for(name)
+    results: dict = {"device": name, "torch": torch.__version__, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d")}
+    todo = args.only or ["matmul", "train", "sample", "t5", "recaption"]
+
+    def attempt(key, fn):
+        try:
+            results.setdefault(key, []).append(fn())
+            print(key, json.dumps(results[key][-1]), flush=True)
+        except Exception as err:  # keep going: one failing section must not lose the others
+            results.setdefault(key, []).append({"error": f"{type(err).__name__}: {err}"})
+            print(key, "FAILED", err, flush=True)
+            torch.cuda.empty_cache()
+        Path(args.out).write_text(json.dumps(results, indent=2))  # keep what is done if a later part dies
+
+    if "matmul" in todo:
+        attempt("matmul_tflops", matmul_ceiling)
+    if "train" in todo:
+        for compile_ in (False, True):
+            for b in args.batch:
+                attempt("train", lambda: bench_train("B/16", b, compile_, args.steps, peak))
+    if "sample" in todo:
+        attempt("sample", lambda: bench_sampling(16, 20, "heun", True))
+    if "t5" in todo:
+        attempt("t5", lambda: bench_t5(64))
+    if "recaption" in todo:
+        attempt("recaption", lambda: bench_recaption(16, 64))
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+    print(f"\n{name}, torch {torch.__version__}, {results['date']}")
+    if "matmul_tflops" in results:
+        print(f"measured bf16 matmul ceiling: {results['matmul_tflops'][0]}")
+    print(f"{'B/16 512px train':<28}{'batch':>6}{'compile':>8}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}")
+    for r in results.get("train", []):
+        if "error" in r:
+            print("  train error:", r["error"])
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        print(f"{'':<28}{r['batch']:>6}{str(r['compile']):>8}{r['img_s']:>9.1f}{r['model_tflops']:>9.1f}{mfu:>7}{r['peak_mem_gb']:>8.1f}")
+    for key in ("sample", "t5", "recaption"):
+        for r in results.get(key, []):
+            print(key, r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
