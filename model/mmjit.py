@@ -101,7 +101,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, Dh]; cos, sin [S, Dh]."""
+    """x [B, H, S, Dh]; cos, sin [S, Dh]. Computed in x's dtype (no silent upcast under bf16)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
