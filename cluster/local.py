@@ -218,7 +218,7 @@ class LocalCluster:
                 alive = len(alive_nodes(self.dashboard_url, self._token))
                 if alive >= want:
                     return
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, KeyError) as err:  # not up yet, or answering half-started
                 last_error = str(err)
             time.sleep(0.5)
         raise RuntimeError(f"local cluster not ready after {self.start_timeout:.0f}s: {alive}/{want} nodes alive {last_error}")
@@ -301,7 +301,7 @@ def _alive(proc) -> bool:
         return False
 
 
-def stop_processes(state: ClusterState, grace: float = 6.0) -> None:
+def stop_processes(state: ClusterState, grace: float = 4.5) -> None:
     """Terminate the cluster's processes in `ray stop`'s order: raylets first (workers and agents
     exit with them), then everything else, the GCS last; SIGKILL what outlives the grace period."""
     import psutil

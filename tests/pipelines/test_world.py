@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import signal
 import subprocess
@@ -158,7 +159,7 @@ def test_server_serves_the_same_bytes_as_a_direct_render(image_format):
         for i, (status, body, ctype) in results.items():
             assert status == 200 and body == world.image_bytes(i, config)
             assert ctype == ("image/png" if image_format == "png" else "image/jpeg")
-            assert Image.open(__import__("io").BytesIO(body)).size == (32, 32)
+            assert Image.open(io.BytesIO(body)).size == (32, 32)
         assert get(server.url(3), method="HEAD")[0] == 200
         assert get(server.url(50))[0] == 404                  # past the end of the world
         assert get(server.base_url + "/scene/12.png")[0] == 404
