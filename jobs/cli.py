@@ -16,6 +16,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("jobs.model_info", "parameter count and analytic FLOPs of a model preset"),
     "sample": ("jobs.sample", "sample a PNG grid from a checkpoint (or a fresh debug model)"),
+    "world": ("pipelines.world", "write (and serve on 127.0.0.1) a synthetic world of captioned shape scenes"),
+    "cluster": ("cluster.local", "start, stop or inspect a local multi-node Ray cluster on loopback, token auth on"),
+    "submit": ("cluster.submit", "run a minit2i command on a Ray cluster through the Job Submission API"),
 }
 
 
