@@ -16,6 +16,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("jobs.model_info", "parameter count and analytic FLOPs of a model preset"),
     "sample": ("jobs.sample", "sample a PNG grid from a checkpoint (or a fresh debug model)"),
+    "curate": ("jobs.curate", "build the finetune set from BLIP3o-60K, DALL-E 3 and ShareGPT-4o-Image"),
+    "curate-diff": ("jobs.curate_diff", "rows one dataset build added and removed vs another, with reasons"),
 }
 
 
