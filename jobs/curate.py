@@ -36,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
         ray.init(address=args.address, configure_logging=False)
     try:
         result = curate(cfg, units)
+    except ray.exceptions.RayTaskError as err:
+        # A bad file found mid-scan (a truncated tar, a source changed under the build) arrives
+        # wrapped in Ray's task error; report its own first line, which names the file.
+        if isinstance(err.cause, (ValueError, OSError)):
+            kind = ValueError if isinstance(err.cause, ValueError) else OSError
+            raise kind(str(err.cause).splitlines()[0]) from err
+        raise
     finally:
         if started:
             ray.shutdown()

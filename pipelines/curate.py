@@ -362,8 +362,8 @@ def decide(rows: list[dict[str, Any]], cfg: CurateConfig) -> None:
     """Global drop decisions, in place, over rows already sorted by (source, origin, pos).
 
     Deterministic whatever the block order: the order is a total order fixed by the inputs, and
-    every duplicate group keeps its first row in that order (alphabetical source names, so
-    BLIP3o > DALL-E 3 > ShareGPT-4o when two sources hold the same picture).
+    every duplicate group keeps its first row in that order (source names sort alphabetically, so
+    a picture in both BLIP3o and ShareGPT-4o is kept as the BLIP3o row).
     """
     seen_ids: set[str] = set()
     seen_pixels: dict[str, str] = {}
@@ -609,7 +609,6 @@ def curate(cfg: CurateConfig, units: list[ReadUnit] | None = None, log=print) ->
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     scan = pa.concat_tables(tables) if tables else SCAN_SCHEMA.empty_table()
     rows = scan.sort_by([("source", "ascending"), ("origin", "ascending"), ("pos", "ascending")]).to_pylist()
-    log(f"curate: scanned {len(rows)} rows")
 
     # ShareGPT-4o records whose image is in none of the archives
     sg = cfg.sources.sharegpt4o
@@ -619,6 +618,7 @@ def curate(cfg: CurateConfig, units: list[ReadUnit] | None = None, log=print) ->
             rows.append({**{n: None for n in SCAN_SCHEMA.names}, **{k: m[k] for k in ("key", "source", "origin", "pos", "caption")},
                          "reason": "image_missing", "detail": "image in no archive of sources.sharegpt4o.images"})
         rows.sort(key=lambda r: (r["source"], r["origin"], r["pos"]))
+    log(f"curate: scanned {len(rows)} rows")
 
     # decide
     decide(rows, cfg)
@@ -660,7 +660,7 @@ def format_report(stats: dict[str, Any]) -> str:
     """The reasons table (rows: reasons, columns: sources) and the contamination summary."""
     sources = [s for s in SOURCES if stats["sources"][s]["read"]]
     width = max([len(r) for r in REASONS] + [8])
-    lines = [f"{'':<{width}}  " + "  ".join(f"{s:>10}" for s in sources) + f"  {'total':>8}"]
+    lines = [f"{'rows':<{width}}  " + "  ".join(f"{s:>10}" for s in sources) + f"  {'total':>8}"]
     lines.append(f"{'read':<{width}}  " + "  ".join(f"{stats['sources'][s]['read']:>10}" for s in sources)
                  + f"  {stats['rows']['read']:>8}")
     for reason, counts in stats["dropped"].items():

@@ -36,7 +36,9 @@ def normalise_path(path: str) -> str:
 
 
 def load_metadata(uri: str) -> dict[str, str]:
-    """image path (normalised) -> caption, in file order. Fails naming the file and the field."""
+    """image path (normalised) -> caption, in file order. Fails naming the file and the field.
+
+    A path listed twice keeps its last caption (the image is one row either way)."""
     text = storage.read_bytes(uri).decode("utf-8")
     try:
         if uri.endswith(".jsonl"):

@@ -194,16 +194,22 @@ def test_planted_geneval_prompt_is_reported(builds):
     assert f"contamination: 1 of 8 captions contain one of 3 eval prompts" in log
 
 
-def test_cli_drop_contamination_and_changed_threshold_show_in_row_diff(world, builds, ray_session, tmp_path):
-    """A second build through `minit2i curate` (joining the test's Ray) with two settings changed."""
+def test_cli_drop_contamination_and_changed_threshold_show_in_row_diff(world, builds, ray_session, tmp_path, capsys):
+    """A third build through the `minit2i curate` entry point with two settings changed.
+
+    Called in-process (the test's Ray is already up, so the command joins it and reuses its warm
+    workers); the subprocess path of the CLI is covered by the next test and `curate-diff` below.
+    """
+    from jobs.cli import main
+
     a, _, _ = builds
     cfg_file = tmp_path / "curate.yaml"
     cfg = _config(world, tmp_path / "c", concurrency=2)
     cfg["contamination"]["drop"] = True
     cfg_file.write_text(json.dumps(cfg))  # JSON is YAML
-    address = ray_session.get_runtime_context().gcs_address
-    proc = run_cli("curate", "--config", cfg_file, "--address", address, "dedup.near_threshold=-1", timeout=300)
-    assert "eval_contamination" in proc.stdout and "curate: wrote 8 rows in 8 shards" in proc.stdout
+    assert main(["curate", "--config", str(cfg_file), "dedup.near_threshold=-1"]) == 0
+    stdout = capsys.readouterr().out
+    assert "eval_contamination" in stdout and "curate: wrote 8 rows in 8 shards" in stdout
 
     diff = manifest.diff_rows(str(a), str(tmp_path / "c"))
     assert diff["removed"] == [{"row": "blip3o/geneval_train.tar/g0", "reason": "eval_contamination", "duplicate_of": None}]
@@ -231,6 +237,17 @@ def test_cli_refuses_existing_output_and_unknown_layout_before_starting_ray(worl
     assert proc.returncode == 2
     assert f"{odd}: unknown dalle3 layout: no caption column/field" in proc.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_file_broken_mid_scan_fails_the_build_and_leaves_no_manifest(world, ray_session, tmp_path):
+    members = wds_members([(f"{i:03d}", {"png": encode(smooth_image(i)), "txt": "x"}) for i in range(80)])
+    tar = write_tar(tmp_path / "blip3o" / "cut.tar", members)
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size * 3 // 4])  # the first members still probe fine
+    cfg = _config(world, tmp_path / "out", concurrency=1)
+    cfg["sources"] = {"blip3o": {"paths": [str(tar)]}}
+    with pytest.raises(ValueError, match=r"cut\.tar: not a readable tar archive: unexpected end of data"):
+        curate(from_dict(CurateConfig, cfg), log=lambda m: None)
+    assert not (tmp_path / "out" / manifest.MANIFEST_NAME).exists()
 
 
 def test_near_duplicate_index_matches_brute_force():
