@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("pipelines.world", "write (and serve on 127.0.0.1) a synthetic world of captioned shape scenes"),
     "cluster": ("cluster.local", "start, stop or inspect a local multi-node Ray cluster on loopback, token auth on"),
     "submit": ("cluster.submit", "run a minit2i command on a Ray cluster through the Job Submission API"),
+    "curate": ("jobs.curate", "build the finetune set from BLIP3o-60K, DALL-E 3 and ShareGPT-4o-Image"),
+    "curate-diff": ("jobs.curate_diff", "rows one dataset build added and removed vs another, with reasons"),
 }
 
 

@@ -19,6 +19,11 @@ from typing import Any
 from pipelines import storage
 
 MANIFEST_NAME = "manifest.json"
+# Optional beside the shards: one row per input row a stage dropped (key columns, reason,
+# duplicate_of), so `diff_rows` can say why a row is in one build and not the other.
+DROPPED_NAME = "dropped.parquet"
+# Columns that identify a row across builds, where a dataset has them (fetch shards: key only).
+ROW_ID_COLUMNS = ("source", "origin", "key")
 FORMAT_VERSION = 1
 
 
@@ -145,4 +150,50 @@ def diff(a: Manifest, b: Manifest) -> dict[str, Any]:
         "rows": (a.rows, b.rows),
         "stats": changed(flat(a.stats), flat(b.stats)),
         "code_version": (a.code_version, b.code_version) if a.code_version != b.code_version else None,
+    }
+
+
+def _read_columns(uri: str, wanted: tuple[str, ...]) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(uri)
+    names = pq.read_schema(path, filesystem=fs).names
+    return pq.read_table(path, columns=[c for c in wanted if c in names], filesystem=fs).to_pylist()
+
+
+def _row_id(row: dict[str, Any]) -> str:
+    return "/".join(str(row[c]) for c in ROW_ID_COLUMNS if c in row)
+
+
+def diff_rows(root_a: str, root_b: str) -> dict[str, Any]:
+    """Which rows build B added and removed relative to build A, with the reason each side gives.
+
+    Rows are identified by ROW_ID_COLUMNS. A removed row's reason comes from B's dropped.parquet,
+    an added row's from A's (why A had dropped it); "not read" means the other build never saw it
+    (different inputs).
+    """
+    a, b = read(root_a), read(root_b)
+
+    def rows(root: str, m: Manifest) -> set[str]:
+        return {_row_id(r) for s in m.shards for r in _read_columns(storage.join(root, s.path), ROW_ID_COLUMNS)}
+
+    def dropped(root: str) -> dict[str, dict[str, Any]]:
+        uri = storage.join(root, DROPPED_NAME)
+        if not storage.exists(uri):
+            return {}
+        return {_row_id(r): r for r in _read_columns(uri, (*ROW_ID_COLUMNS, "reason", "duplicate_of"))}
+
+    rows_a, rows_b = rows(root_a, a), rows(root_b, b)
+    dropped_a, dropped_b = dropped(root_a), dropped(root_b)
+
+    def entry(rid: str, why: dict[str, Any] | None) -> dict[str, Any]:
+        return {"row": rid, "reason": why["reason"] if why else "not read",
+                "duplicate_of": why.get("duplicate_of") if why else None}
+
+    return {
+        "added": [entry(r, dropped_a.get(r)) for r in sorted(rows_b - rows_a)],
+        "removed": [entry(r, dropped_b.get(r)) for r in sorted(rows_a - rows_b)],
+        "unchanged": len(rows_a & rows_b),
+        "rows": (len(rows_a), len(rows_b)),
+        "config": diff(a, b)["config"],
     }

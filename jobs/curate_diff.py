@@ -1,0 +1,41 @@
+"""`minit2i curate-diff A B`: the rows rebuild B added and removed relative to A, with reasons.
+
+A thin printer over `pipelines.manifest.diff_rows`, which any dataset CLI can call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from pipelines import manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("a", help="dataset folder of the first build (local or s3://)")
+    parser.add_argument("b", help="dataset folder of the second build")
+    parser.add_argument("--limit", type=int, default=50, help="rows listed per direction (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the whole diff as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    d = manifest.diff_rows(args.a, args.b)
+    if args.json:
+        print(json.dumps(d, indent=2, sort_keys=True))
+        return 0
+    for key, (old, new) in d["config"].items():
+        print(f"config {key}: {old!r} -> {new!r}")
+    (n_a, n_b), added, removed = d["rows"], d["added"], d["removed"]
+    print(f"rows: {n_a} -> {n_b}: +{len(added)} -{len(removed)} ({d['unchanged']} unchanged)")
+    for title, rows, why in (("added", added, "was dropped in A as"), ("removed", removed, "dropped in B as")):
+        if not rows:
+            continue
+        tally = ", ".join(f"{r} {n}" for r, n in sorted(Counter(x["reason"] for x in rows).items()))
+        print(f"{title} ({why}): {tally}")
+        for x in rows[:args.limit]:
+            dup = f" (duplicate of {x['duplicate_of']})" if x["duplicate_of"] else ""
+            print(f"  {'+' if title == 'added' else '-'} {x['row']}  {x['reason']}{dup}")
+        if len(rows) > args.limit:
+            print(f"  ... {len(rows) - args.limit} more (--limit)")
+    return 0
