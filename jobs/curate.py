@@ -31,9 +31,10 @@ def run(args: argparse.Namespace) -> int:
     units = read_units(cfg)  # unknown layouts and missing files fail here, before Ray starts
     import ray
 
+    from jobs.ray_init import init_ray
+
     started = not ray.is_initialized()
-    if started:
-        ray.init(address=args.address, configure_logging=False)
+    init_ray(args.address)
     try:
         result = curate(cfg, units)
     except ray.exceptions.RayTaskError as err:

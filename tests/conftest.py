@@ -22,6 +22,9 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray socket of the tests stays on loopback: Ray replaces 127.0.0.1 with the machine's outward
+# address, so the session instance (and every job a test starts) is pinned to 127.0.0.3.
+os.environ.setdefault("MINIT2I_RAY_NODE_IP", "127.0.0.3")
 # The test machine has 2 cores; Ray is told it has 4 logical CPUs so Data tasks fit beside Train workers.
 RAY_NUM_CPUS = 4
 
@@ -44,6 +47,7 @@ def ray_session():
             object_store_memory=1 << 30,
             log_to_driver=True,
             configure_logging=False,
+            _node_ip_address=os.environ["MINIT2I_RAY_NODE_IP"],
         )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

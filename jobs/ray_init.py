@@ -1,0 +1,28 @@
+"""Connecting a job to Ray: an existing cluster when one is named, else a new local instance.
+
+`address` (or RAY_ADDRESS) joins a running cluster, as `ray job submit` and KubeRay set it. With
+neither, a local instance starts with the CPUs given. MINIT2I_RAY_NODE_IP pins the local instance to
+one address (the tests keep every Ray socket on 127.0.0.3: Ray swaps 127.0.0.1 for the machine's
+outward address, other loopback addresses it keeps).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
+    """ray.init for a job; a no-op when the caller already connected (tests, the demo)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, configure_logging=False, **kwargs)
+        return ray
+    node_ip = os.environ.get("MINIT2I_RAY_NODE_IP")
+    if node_ip:
+        kwargs["_node_ip_address"] = node_ip
+    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, **kwargs)
+    return ray
