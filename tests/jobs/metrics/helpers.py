@@ -1,0 +1,74 @@
+"""Test helpers: Pillow renderings of world scenes and tiny random vision models built offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from jobs.metrics.world import BACKGROUND, PALETTE, parse_caption
+
+
+def draw(shapes: list[tuple[str, str, float, float, float]], size: int = 64) -> np.ndarray:
+    """shapes: (colour, shape, cx, cy, half-size) in pixels -> [size, size, 3] uint8."""
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    for colour, shape, cx, cy, r in shapes:
+        box = [cx - r, cy - r, cx + r, cy + r]
+        fill = PALETTE[colour]
+        if shape == "circle":
+            d.ellipse(box, fill=fill)
+        elif shape == "square":
+            d.rectangle(box, fill=fill)
+        else:
+            d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    return np.asarray(img)
+
+
+def render_caption(caption: str, size: int = 64) -> np.ndarray:
+    """A correct image for a world caption: groups laid out left-to-right (or top-to-bottom)."""
+    p = parse_caption(caption)
+    objs = p.objects if p.relation not in ("right of", "below") else p.objects[::-1]
+    vertical = p.relation in ("above", "below")
+    items = [(o.colour, o.shape) for o in objs for _ in range(o.count)]
+    r = size / (4 * max(2, len(items)))
+    shapes = []
+    for i, (colour, shape) in enumerate(items):
+        along = (i + 0.5) * size / len(items)
+        cx, cy = (size / 2, along) if vertical else (along, size / 2)
+        shapes.append((colour, shape, cx, cy, r))
+    return draw(shapes, size)
+
+
+def build_tiny_vit(path: Path, image_size: int = 32) -> Path:
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+    import torch
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                    image_size=image_size, patch_size=8)
+    ViTModel(cfg).save_pretrained(path)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
+def build_tiny_clip(path: Path, image_size: int = 32) -> Path:
+    """A random CLIP with the byte-level ByT5 tokenizer (needs no vocabulary file)."""
+    from transformers import ByT5Tokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+    import torch
+
+    tok = ByT5Tokenizer()
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=8,
+    )
+    CLIPModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
