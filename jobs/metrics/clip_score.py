@@ -46,3 +46,13 @@ class ClipScorer:
             cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
             out.append((100 * cos.clamp(min=0)).cpu().numpy())
         return np.concatenate(out)
+
+    @torch.no_grad()
+    def classify(self, image: np.ndarray, texts: list[str]) -> int:
+        """Zero-shot: index of the text closest to one uint8 image [H, W, 3] (GenEval's colour judge)."""
+        pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"].to(self.device)
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        img = _embeds(self.model.get_image_features(pixel_values=pixels))
+        txt = _embeds(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                   attention_mask=tokens["attention_mask"].to(self.device)))
+        return int(torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1).argmax())
