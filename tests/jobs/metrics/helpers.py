@@ -121,3 +121,28 @@ def write_dpg_csv(path: Path) -> Path:
     lines = [DPG_HEADER] + [f'{i},"{t}",k,{pid},"{dep}",{cat},{cat}/x,t,"{q}"\n' for i, t, pid, dep, cat, q in rows]
     path.write_text("".join(lines))
     return path
+
+
+def make_checkpoint(root: Path, depth: int = 1, weights=("ema_0.999", "model")) -> Path:
+    """A tiny debug MM-JiT (32 px, patch 4) + tiny T5 weights folder with an EMA and a raw file."""
+    import torch
+
+    from model.checkpoint import save_weights
+    from model.denoiser import DenoiserConfig
+    from model.mmjit import MMJiT, preset
+    from model.text_encoder import TextEncoderConfig, build_tiny_t5
+
+    t5 = build_tiny_t5(root / "t5", d_model=32, num_layers=1, num_heads=2)
+    cfg = preset("debug", text_dim=32, text_length=16, depth=depth, width=64, num_heads=2, head_dim=32, bottleneck=16)
+    torch.manual_seed(0)
+    net = MMJiT(cfg)
+    torch.nn.init.normal_(net.final.weight, std=0.05)
+    for i, name in enumerate(weights):
+        state = {k: v + 0.01 * i for k, v in net.state_dict().items()}
+        save_weights(root / "ckpt", state, cfg, TextEncoderConfig(str(t5), 16), DenoiserConfig(noise_scale=1.0), name=name)
+    return root / "ckpt"
+
+
+def write_prompts(path: Path, captions: list[str]) -> Path:
+    path.write_text("\n".join(captions) + "\n")
+    return path
