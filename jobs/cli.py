@@ -16,6 +16,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("jobs.model_info", "parameter count and analytic FLOPs of a model preset"),
     "sample": ("jobs.sample", "sample a PNG grid from a checkpoint (or a fresh debug model)"),
+    "generate": ("jobs.generate", "prompt file x seeds -> images as Parquet/PNG shards (Ray Data, resumable)"),
+    "eval": ("jobs.evaluate", "score a checkpoint: world checks, artifact ratio, CLIP, FID, GenEval, DPG-Bench"),
+    "tune": ("jobs.tune", "Ray Tune over sampling knobs (tune sampling) or the noise schedule (tune schedule)"),
 }
 
 

@@ -161,64 +161,76 @@ class SampleShard:
         self.settings = json.dumps(settings_of(self.cfg, meta, self.sampler), sort_keys=True)
 
     def sample(self, prompts: list[str], indices: list[int], seeds: list[int]) -> np.ndarray:
-        """uint8 [B, H, W, 3]; noise of image (i, s) as `jobs.sample.generate` draws it for prompt i, seed s."""
-        import torch
-
-        from jobs.sample import to_uint8
-        from model.denoiser import sample
-
-        c = self.net.config
-        device = next(self.net.parameters()).device
-        out = []
-        for start in range(0, len(prompts), self.cfg.batch_size):
-            end = start + self.cfg.batch_size
-            text, mask = self.encoder(prompts[start:end])
-            noise = torch.stack([
-                torch.randn((c.in_channels, c.image_size, c.image_size), generator=torch.Generator().manual_seed(s * 1_000_003 + i))
-                for i, s in zip(indices[start:end], seeds[start:end])
-            ]).to(device)
-            out.append(to_uint8(sample(self.net, text, mask, tuple(noise.shape), self.sampler, noise=noise)))
-        return np.concatenate(out)
+        return sample_images(self.net, self.encoder, self.sampler, prompts, indices, seeds, self.cfg.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         summary = {"shard": [], "rows": [], "seconds": []}
         for j, k in enumerate(batch["shard"]):
             t0 = time.perf_counter()
-            k = int(k)
             indices = [int(v) for v in batch["index"][j]]
             seeds = [int(v) for v in batch["seed"][j]]
             prompts = [str(v) for v in batch["prompt"][j]]
             images = self.sample(prompts, indices, seeds)
-            keys = [f"{i:06d}-s{s}" for i, s in zip(indices, seeds)]
-            pngs = [encode_png(im) for im in images]
-            columns = {
-                "key": keys, "index": pa.array(indices, pa.int32()), "seed": pa.array(seeds, pa.int64()),
-                "prompt": prompts, "metadata": [str(v) for v in batch["metadata"][j]],
-                "width": pa.array([im.shape[1] for im in images], pa.int32()),
-                "height": pa.array([im.shape[0] for im in images], pa.int32()),
-                "settings": [self.settings] * len(keys),
-            }
-            if self.cfg.format == "png":
-                paths = [f"images/{key}.png" for key in keys]
-                for p, data in zip(paths, pngs):
-                    storage.write_bytes(storage.join(self.cfg.out, p), data)
-                columns["image_path"] = paths
-            else:
-                columns["image"] = pa.array(pngs, pa.binary())
-            buf = io.BytesIO()
-            pq.write_table(pa.table(columns), buf)
-            data = buf.getvalue()
-            storage.write_bytes(storage.join(self.cfg.out, shard_name(k)), data)
-            # The marker goes last: a shard without one is redone, never half-trusted.
-            marker = {"digest": self.digest, "rows": len(keys), "sha256": hashlib.sha256(data).hexdigest()}
-            storage.write_bytes(storage.join(self.cfg.out, DONE_DIR, f"{k:05d}.json"), json.dumps(marker).encode())
-            summary["shard"].append(k)
-            summary["rows"].append(len(keys))
+            n = write_shard(self.cfg.out, int(k), indices, seeds, prompts, [str(v) for v in batch["metadata"][j]],
+                            images, self.settings, self.cfg.format, self.digest)
+            summary["shard"].append(int(k))
+            summary["rows"].append(n)
             summary["seconds"].append(time.perf_counter() - t0)
         return {k: np.asarray(v) for k, v in summary.items()}
+
+
+def sample_images(net, encoder, sampler: SamplerConfig, prompts: list[str], indices: list[int], seeds: list[int],
+                  batch_size: int = 16) -> np.ndarray:
+    """uint8 [B, H, W, 3]; image (i, s) starts from the noise `jobs.sample.generate` draws for prompt i, seed s."""
+    import torch
+
+    from jobs.sample import to_uint8
+    from model.denoiser import sample
+
+    c = net.config
+    device = next(net.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        end = start + batch_size
+        text, mask = encoder(prompts[start:end])
+        noise = torch.stack([
+            torch.randn((c.in_channels, c.image_size, c.image_size), generator=torch.Generator().manual_seed(s * 1_000_003 + i))
+            for i, s in zip(indices[start:end], seeds[start:end])
+        ]).to(device)
+        out.append(to_uint8(sample(net, text, mask, tuple(noise.shape), sampler, noise=noise)))
+    return np.concatenate(out)
+
+
+def write_shard(out: str, k: int, indices: list[int], seeds: list[int], prompts: list[str], metadata: list[str],
+                images: np.ndarray, settings: str, fmt: str, digest: str) -> int:
+    """Write shard k (Parquet, plus PNG files for fmt="png"), then its done-marker. Returns the row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = [f"{i:06d}-s{s}" for i, s in zip(indices, seeds)]
+    pngs = [encode_png(im) for im in images]
+    columns = {
+        "key": keys, "index": pa.array(indices, pa.int32()), "seed": pa.array(seeds, pa.int64()),
+        "prompt": prompts, "metadata": metadata,
+        "width": pa.array([im.shape[1] for im in images], pa.int32()),
+        "height": pa.array([im.shape[0] for im in images], pa.int32()),
+        "settings": [settings] * len(keys),
+    }
+    if fmt == "png":
+        paths = [f"images/{key}.png" for key in keys]
+        for p, data in zip(paths, pngs):
+            storage.write_bytes(storage.join(out, p), data)
+        columns["image_path"] = paths
+    else:
+        columns["image"] = pa.array(pngs, pa.binary())
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    data = buf.getvalue()
+    storage.write_bytes(storage.join(out, shard_name(k)), data)
+    # The marker goes last: a shard without one is redone, never half-trusted.
+    marker = {"digest": digest, "rows": len(keys), "sha256": hashlib.sha256(data).hexdigest()}
+    storage.write_bytes(storage.join(out, DONE_DIR, f"{k:05d}.json"), json.dumps(marker).encode())
+    return len(keys)
 
 
 def resolve_sampler(cfg: GenerateConfig, meta: dict) -> SamplerConfig:

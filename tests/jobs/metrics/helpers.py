@@ -146,3 +146,20 @@ def make_checkpoint(root: Path, depth: int = 1, weights=("ema_0.999", "model")) 
 def write_prompts(path: Path, captions: list[str]) -> Path:
     path.write_text("\n".join(captions) + "\n")
     return path
+
+
+def write_generated(out: Path, prompts: list[str], images: list[np.ndarray], metadata: list[dict] | None = None,
+                    settings: dict | None = None) -> Path:
+    """A finished `generate` folder holding given images (known-correct / known-wrong renderings)."""
+    import json
+
+    from jobs.generate import write_shard
+    from pipelines import manifest
+
+    n = len(prompts)
+    meta = [json.dumps(m or {}) for m in (metadata or [{}] * n)]
+    write_shard(str(out), 0, list(range(n)), [0] * n, prompts, meta, np.stack(images),
+                json.dumps(settings or {"patch_size": 16}), "parquet", "test")
+    manifest.write(str(out), manifest.Manifest(kind="generate", config={}, shards=[
+        manifest.shard_entry(str(out), str(out / "shard-00000.parquet"), n)]))
+    return out
