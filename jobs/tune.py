@@ -393,11 +393,13 @@ def run_tune(kind: str, cfg: SamplingTuneConfig | ScheduleTuneConfig, callbacks:
     from jobs.generate import ensure_ray, read_prompts
     from jobs.metrics.world import random_prompts
 
-    ensure_ray()
     run = cfg.run
     if kind == "sampling":
         if not cfg.checkpoint:
             raise ValueError("tune sampling needs checkpoint=<weights folder>")
+        from model.checkpoint import read_meta
+
+        read_meta(cfg.checkpoint)                     # a clear error here, not inside every trial
         n = max(cfg.subsets)
         prompts = [r["prompt"] for r in read_prompts(cfg.prompts)] if cfg.prompts else random_prompts(n, seed=0)
         if len(prompts) < n:
@@ -412,7 +414,9 @@ def run_tune(kind: str, cfg: SamplingTuneConfig | ScheduleTuneConfig, callbacks:
         max_t = math.ceil(cfg.steps / cfg.report_every)
     else:
         raise ValueError(f"unknown tune kind {kind!r}: sampling or schedule")
+    search_space(cfg.space)                           # validate before starting anything
     trainable = tune.with_resources(trainable, {"cpu": run.cpus_per_trial, "gpu": run.gpus_per_trial})
+    ensure_ray()
 
     fs = storage.s3_filesystem() if storage.is_s3(run.out) else None
     ray_root = storage.join(run.out, "ray") if storage.is_s3(run.out) else os.path.abspath(storage.join(run.out, "ray"))

@@ -125,3 +125,16 @@ def test_tune_schedule_short_training_trials(ray_session, tmp_path):
     assert out["best"] == best
     for name in ("plot.png", "best_grid.png", "worst_grid.png"):
         assert (tmp_path / "sched" / name).stat().st_size > 0
+
+
+def test_tune_cli_reports_bad_input(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli("tune", "sampling", f"run.out={tmp_path}", check=False)
+    assert proc.returncode == 2 and "needs checkpoint" in proc.stderr
+    proc = run_cli("tune", "sampling", f"checkpoint={tmp_path}", check=False)
+    assert proc.returncode == 2 and "has no model.json" in proc.stderr
+    proc = run_cli("tune", "schedule", f"data={tmp_path / 'none'}", check=False)
+    assert proc.returncode == 2 and "holds no Parquet shards" in proc.stderr
+    proc = run_cli("tune", "sampling", "objective.mode=maybe", check=False)
+    assert proc.returncode == 2 and "objective.mode must be max or min" in proc.stderr
