@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("cluster.submit", "run a minit2i command on a Ray cluster through the Job Submission API"),
     "curate": ("jobs.curate", "build the finetune set from BLIP3o-60K, DALL-E 3 and ShareGPT-4o-Image"),
     "curate-diff": ("jobs.curate_diff", "rows one dataset build added and removed vs another, with reasons"),
+    "generate": ("jobs.generate", "prompt file x seeds -> images as Parquet/PNG shards (Ray Data, resumable)"),
+    "eval": ("jobs.evaluate", "score a checkpoint: world checks, artifact ratio, CLIP, FID, GenEval, DPG-Bench"),
+    "tune": ("jobs.tune", "Ray Tune over sampling knobs (tune sampling) or the noise schedule (tune schedule)"),
 }
 
 

@@ -1,0 +1,54 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.evaluate import EvalConfig, MetricsConfig, evaluate
+from tests.conftest import run_cli
+from tests.jobs.metrics.helpers import (build_tiny_clip, build_tiny_detector, build_tiny_vit, build_tiny_vqa,
+                                        render_caption, write_dpg_csv, write_generated)
+
+CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "a red circle and a white square"]
+GENEVAL = {"tag": "single_object", "include": [{"class": "circle", "count": 1}]}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """8 images: each caption once rendered right and once rendered as the next caption (wrong)."""
+    root = tmp_path_factory.mktemp("eval")
+    prompts = CAPTIONS + CAPTIONS
+    images = [render_caption(c, 64) for c in CAPTIONS] + [render_caption(CAPTIONS[(i + 1) % 4], 64) for i in range(4)]
+    meta = [GENEVAL, {"item_id": "p1"}, {}, {}] * 2
+    return write_generated(root / "gen", prompts, images, meta)
+
+
+def test_eval_scores_known_images_with_every_metric(tmp_path, folder):
+    models = tmp_path / "models"
+    cfg = EvalConfig(images=str(folder), out=str(tmp_path / "ev"), metrics=MetricsConfig(
+        clip_model=str(build_tiny_clip(models / "clip")), fid_model=str(build_tiny_vit(models / "vit")),
+        fid_reference=str(folder), geneval_detector=str(build_tiny_detector(models / "det")),
+        dpg_csv=str(write_dpg_csv(tmp_path / "dpg.csv")), vqa_model=str(build_tiny_vqa(models / "vqa"))))
+    s = evaluate(cfg)
+    assert s["world/overall"] == pytest.approx(0.5) and s["world/correct"] == 0.5
+    for cat in ("single_object", "two_objects", "counting", "position"):
+        assert s[f"world/{cat}"] == 0.5
+    assert s["artifact_patch"] == 16 and np.isfinite(s["artifact_ratio"])   # flat shapes: edges rarely on the grid
+    assert s["fid"] == pytest.approx(0.0, abs=1e-3)                       # the set against itself
+    assert 0 <= s["clip_score"] <= 100 and 0 <= s["geneval/overall"] <= 1 and 0 <= s["dpg/score"] <= 1
+    records = pq.read_table(tmp_path / "ev" / "records.parquet").to_pylist()
+    assert [r["world_correct"] for r in records] == [True] * 4 + [False] * 4
+    assert records[0]["geneval_tag"] == "single_object" and records[1]["dpg_score"] is not None
+    assert all(r["artifact_ratio"] >= 0 for r in records)
+    saved = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert saved["summary"]["world/overall"] == s["world/overall"]
+
+
+def test_eval_cli(tmp_path, folder):
+    proc = run_cli("eval", f"images={folder}", f"out={tmp_path / 'ev'}", "metrics.patch_size=8")
+    assert "world/overall" in proc.stdout and "artifact_ratio" in proc.stdout
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["summary"]["artifact_patch"] == 8
+    proc = run_cli("eval", f"images={folder}", f"out={tmp_path / 'ev2'}", f"metrics.fid_model={tmp_path}", check=False)
+    assert proc.returncode == 2 and "FID needs both" in proc.stderr
+    proc = run_cli("eval", f"images={tmp_path / 'nothing'}", check=False)
+    assert proc.returncode == 2 and "no manifest.json" in proc.stderr

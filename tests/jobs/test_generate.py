@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pytest
+
+from jobs.generate import GenerateConfig, generate_images, load_generated, read_prompts
+from jobs.sample import generate, load_model, to_uint8
+from model.denoiser import SamplerConfig
+from pipelines import manifest
+from tests.jobs.metrics.helpers import make_checkpoint, write_prompts
+
+CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "three purple circles", "a white square"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("gen"))
+
+
+def _cfg(tmp_path, ckpt, **kw):
+    return GenerateConfig(prompts=str(write_prompts(tmp_path / "p.txt", CAPTIONS)), out=str(tmp_path / "out"),
+                          checkpoint=str(ckpt), seeds=[0, 1], shard_size=4, batch_size=3,
+                          sampler=SamplerConfig(sampler="euler", steps=2, cfg_scale=2.0), **kw)
+
+
+def test_generate_writes_shards_and_resumes(ray_session, tmp_path, ckpt):
+    cfg = _cfg(tmp_path, ckpt)
+    stats = generate_images(cfg)
+    assert stats["images"] == 10 and stats["generated"] == 10 and stats["images_per_s"] > 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("shard-*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert manifest.verify(str(out)) == []
+    rows = load_generated(str(out))
+    assert [(r["index"], r["seed"]) for r in rows] == [(i, s) for i in range(5) for s in (0, 1)]
+    assert rows[0]["image"].shape == (32, 32, 3)
+    settings = json.loads(rows[0]["settings"])
+    assert settings["weights"] == "ema_0.999" and settings["sampler"]["noise_scale"] == 1.0   # from the checkpoint
+    # Image (i, s) is exactly what `minit2i sample --seed s` draws for prompt i.
+    net, enc, _ = load_model(str(ckpt), None, "debug", None, "cpu")
+    ref = to_uint8(generate(net, enc, CAPTIONS, SamplerConfig(sampler="euler", steps=2, cfg_scale=2.0, noise_scale=1.0), seed=1))
+    assert np.array_equal(rows[3]["image"], ref[1]) and rows[3]["prompt"] == CAPTIONS[1]
+
+    # Resume: a finished run does nothing; a lost shard is redone identically, the others are kept.
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")}
+    assert generate_images(cfg)["generated"] == 0
+    (out / "shard-00001.parquet").unlink()
+    (out / "_done" / "00001.json").unlink()
+    stats = generate_images(cfg)
+    assert stats["generated"] == 4 and stats["skipped_shards"] == 2
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")} == before
+
+    # Other settings into the same folder are refused, not mixed.
+    other = _cfg(tmp_path, ckpt)
+    other.sampler.cfg_scale = 5.0
+    with pytest.raises(ValueError, match="other settings"):
+        generate_images(other)
+
+
+def test_generate_png_folder_and_jsonl_metadata(ray_session, tmp_path, ckpt):
+    meta = tmp_path / "m.jsonl"
+    meta.write_text("".join(json.dumps({"prompt": c, "tag": "t", "include": [{"class": "x"}]}) + "\n" for c in CAPTIONS[:3]))
+    cfg = _cfg(tmp_path, ckpt, format="png", weights="model")
+    cfg.prompts, cfg.seeds = str(meta), [7]
+    assert generate_images(cfg)["generated"] == 3
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 3
+    rows = load_generated(str(tmp_path / "out"))
+    assert rows[2]["metadata"] == {"tag": "t", "include": [{"class": "x"}]} and rows[2]["image"].shape == (32, 32, 3)
+    assert json.loads(rows[0]["settings"])["weights"] == "model"
+
+
+def test_read_prompts_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_prompts(str(tmp_path / "none.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"nope": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: no prompt"):
+        read_prompts(str(tmp_path / "bad.jsonl"))
