@@ -16,8 +16,8 @@ Caption grammar (lower case, an optional "a photo of" in front and a final "." a
 e.g. "a red circle", "two blue squares", "a green triangle above a yellow circle",
      "a blue square to the left of a yellow triangle", "a red circle and a white square".
 
-TODO: the palette and background below are the one place they are defined for now; they must
-match the world renderer (pipelines/world.py) once it lands.
+The palette, background and shapes are the renderer's own (pipelines/world.py), imported here so
+the checks and the world can never disagree.
 """
 
 from __future__ import annotations
@@ -30,18 +30,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-    "purple": (150, 60, 190),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
-BACKGROUND: tuple[int, int, int] = (128, 128, 128)
-SHAPES = ("circle", "square", "triangle")
+from pipelines.world import BACKGROUND, PALETTE, SHAPES  # one definition of the world
+
 RELATIONS = {  # caption phrase -> canonical relation
     "to the left of": "left of", "left of": "left of",
     "to the right of": "right of", "right of": "right of",

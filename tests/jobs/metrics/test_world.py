@@ -79,3 +79,15 @@ def test_noise_image_fails_and_summary_scores_per_category():
         assert s[cat] == 0.5
     assert s["colours"] <= 0.75 and s["overall"] == pytest.approx(np.mean([s[c] for c in ("single_object", "two_objects", "counting", "colours", "position")]))
     assert summarize(good)["overall"] == 1.0
+
+
+def test_every_world_render_passes_its_own_caption():
+    # The renderer and the checks share one palette: clean renders of real world scenes must pass.
+    from pipelines.world import WorldConfig, make_scene, render
+
+    for size in (32, 64):
+        config = WorldConfig(size=size, seed=3)
+        for i in range(60):
+            scene = make_scene(i, config)
+            verdict = check_image(np.asarray(render(scene)), scene.caption)
+            assert verdict.correct, (size, i, scene.caption, verdict)
