@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("jobs.model_info", "parameter count and analytic FLOPs of a model preset"),
     "sample": ("jobs.sample", "sample a PNG grid from a checkpoint (or a fresh debug model)"),
     "world": ("pipelines.world", "write (and serve on 127.0.0.1) a synthetic world of captioned shape scenes"),
+    "fetch": ("jobs.fetch", "download a URL list (CC12M) into Parquet shards as Ray tasks, resumable"),
+    "recaption": ("jobs.recaption", "caption fetched shards with a VLM (Ray Data actor pool) or join published captions"),
     "cluster": ("cluster.local", "start, stop or inspect a local multi-node Ray cluster on loopback, token auth on"),
     "submit": ("cluster.submit", "run a minit2i command on a Ray cluster through the Job Submission API"),
     "curate": ("jobs.curate", "build the finetune set from BLIP3o-60K, DALL-E 3 and ShareGPT-4o-Image"),
@@ -24,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("jobs.generate", "prompt file x seeds -> images as Parquet/PNG shards (Ray Data, resumable)"),
     "eval": ("jobs.evaluate", "score a checkpoint: world checks, artifact ratio, CLIP, FID, GenEval, DPG-Bench"),
     "tune": ("jobs.tune", "Ray Tune over sampling knobs (tune sampling) or the noise schedule (tune schedule)"),
+    "manifest": ("jobs.manifest_cli", "show, verify or diff dataset manifests"),
+    "bench": ("jobs.bench", "benchmarks: minit2i bench fetch|..."),
 }
 
 

@@ -142,6 +142,7 @@ def diff(a: Manifest, b: Manifest) -> dict[str, Any]:
     shards_a = {s.path: s for s in a.shards}
     shards_b = {s.path: s for s in b.shards}
     return {
+        "kind": (a.kind, b.kind) if a.kind != b.kind else None,
         "config": changed(flat(a.config), flat(b.config)),
         "inputs": changed({i.path: i.sha256 for i in a.inputs}, {i.path: i.sha256 for i in b.inputs}),
         "shards_added": sorted(set(shards_b) - set(shards_a)),

@@ -1,0 +1,53 @@
+"""`minit2i fetch`: download a URL list into Parquet shards on a Ray cluster (see pipelines/fetch.py).
+
+    minit2i fetch --urls cc12m.tsv --out s3://bucket/cc12m [--config fetch.yaml] [key=value ...]
+    minit2i fetch --urls cc12m.tsv --out s3://bucket/cc12m --retry-failed
+
+Re-running the same command resumes: committed shards are skipped. Ray: connects to RAY_ADDRESS
+when set, otherwise starts a local instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from jobs import config as config_lib
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--urls", required=True, help="URL list: tsv/csv/parquet/jsonl (local or s3://)")
+    parser.add_argument("--out", required=True, help="dataset folder (local path or s3://bucket/prefix)")
+    parser.add_argument("--config", default=None, help="YAML file with FetchConfig fields")
+    parser.add_argument("--shard-size", type=int, default=None, help="rows per shard (default 2000)")
+    parser.add_argument("--allow-hosts", action="append", default=None, metavar="HOST_OR_CIDR[,...]",
+                        help="host names or CIDRs exempt from the loopback/private/metadata address refusal")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="also re-fetch rows that failed with a retryable class (timeout, 429, 5xx, connection)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="FetchConfig overrides, e.g. threads=64")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines import fetch
+
+    cfg = config_lib.load(fetch.FetchConfig, args.config, args.overrides)
+    cfg.urls, cfg.out = args.urls, args.out
+    if args.shard_size is not None:
+        cfg.shard_size = args.shard_size
+    if args.allow_hosts is not None:
+        cfg.allow_hosts = [h.strip() for arg in args.allow_hosts for h in arg.split(",") if h.strip()]
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 configure_logging=False, log_to_driver=True)
+    try:
+        result = fetch.run(cfg, retry_failed=args.retry_failed)
+    except RuntimeError as err:  # shards that kept failing: committed ones are kept, resume later
+        print(f"minit2i fetch: error: {err}", file=sys.stderr)
+        return 1
+    print(fetch.stats_table(result), end="")
+    print(f"manifest: {result.manifest_uri}")
+    return 0

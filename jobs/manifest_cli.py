@@ -1,0 +1,94 @@
+"""`minit2i manifest show|verify|diff`: read a dataset folder's manifest (local or s3://).
+
+    minit2i manifest show DATASET [--json]     what the folder holds and how it was made
+    minit2i manifest verify DATASET            re-hash every shard against the manifest (exit 1 on a mismatch)
+    minit2i manifest diff DATASET_A DATASET_B  what differs between two builds (exit 1 when they differ)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pipelines import manifest as manifest_lib
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="print the manifest")
+    show.add_argument("dataset")
+    show.add_argument("--json", action="store_true", help="the raw manifest.json")
+    verify = sub.add_parser("verify", help="re-hash the shards against the manifest")
+    verify.add_argument("dataset")
+    diff = sub.add_parser("diff", help="compare two builds")
+    diff.add_argument("a")
+    diff.add_argument("b")
+
+
+def _flat(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(d, dict) and d:
+        return [kv for k, v in d.items() for kv in _flat(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), d)]
+
+
+def format_show(m: manifest_lib.Manifest, where: str) -> str:
+    size = sum(s.bytes for s in m.shards)
+    lines = [
+        f"dataset   {where}",
+        f"kind      {m.kind}   (manifest format {m.format_version}, code {m.code_version})",
+        f"shards    {len(m.shards)}   rows {m.rows:,}   bytes {size:,}",
+        "inputs",
+        *[f"  {i.path}  sha256 {i.sha256[:16]}  {i.bytes:,} bytes" for i in m.inputs],
+        "config",
+        *[f"  {k} = {json.dumps(v)}" for k, v in _flat(m.config)],
+        "stats",
+        *[f"  {k} = {json.dumps(v)}" for k, v in _flat(m.stats)],
+        "shards",
+        *[f"  {s.path}  rows {s.rows}  {s.bytes:,} bytes  sha256 {s.sha256[:16]}" for s in m.shards[:20]],
+    ]
+    if len(m.shards) > 20:
+        lines.append(f"  ... {len(m.shards) - 20} more (--json for all)")
+    return "\n".join(lines)
+
+
+def format_diff(d: dict[str, Any], a: str, b: str) -> str:
+    """One line per difference, `a -> b`; empty sections are left out."""
+    lines = [f"--- {a}", f"+++ {b}"]
+    if d.get("kind"):
+        lines.append(f"kind: {d['kind'][0]} -> {d['kind'][1]}")
+    if d["code_version"]:
+        lines.append(f"code_version: {d['code_version'][0]} -> {d['code_version'][1]}")
+    for section in ("config", "inputs", "stats"):
+        for key, (x, y) in d[section].items():
+            lines.append(f"{section}.{key}: {json.dumps(x)} -> {json.dumps(y)}")
+    if d["rows"][0] != d["rows"][1]:
+        lines.append(f"rows: {d['rows'][0]} -> {d['rows'][1]}")
+    for label, key in (("added", "shards_added"), ("removed", "shards_removed"), ("changed", "shards_changed")):
+        if d[key]:
+            lines.append(f"shards {label} ({len(d[key])}): {', '.join(d[key][:10])}{' ...' if len(d[key]) > 10 else ''}")
+    if len(lines) == 2:
+        lines.append("identical: same inputs, config, code version and shard hashes")
+    return "\n".join(lines)
+
+
+def differs(d: dict[str, Any]) -> bool:
+    return bool(d.get("kind") or d["code_version"] or d["config"] or d["inputs"] or d["stats"] or d["rows"][0] != d["rows"][1]
+                or d["shards_added"] or d["shards_removed"] or d["shards_changed"])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "show":
+        m = manifest_lib.read(args.dataset)
+        print(m.to_json() if args.json else format_show(m, args.dataset), end="\n" if not args.json else "")
+        return 0
+    if args.action == "verify":
+        m = manifest_lib.read(args.dataset)
+        problems = manifest_lib.verify(args.dataset)
+        for p in problems:
+            print(f"MISMATCH {p}")
+        print(f"{args.dataset}: {len(m.shards)} shards, {len(problems)} problem(s)" + ("" if problems else ": OK"))
+        return 1 if problems else 0
+    d = manifest_lib.diff(manifest_lib.read(args.a), manifest_lib.read(args.b))
+    print(format_diff(d, args.a, args.b))
+    return 1 if differs(d) else 0

@@ -1,0 +1,580 @@
+"""Fetch a URL list (CC12M and its published recaption metadata) into Parquet shards, as Ray tasks.
+
+    URL list --(fixed-size input shards)--> Ray task per shard --> shard-NNNNN.parquet + commit marker
+                                                              ... --> manifest.json (last)
+
+Input: TSV/CSV (optionally compressed), Parquet or JSONL with a url column and caption columns. The
+published CC12M list is a headerless TSV `url<TAB>caption`; the CaptionEmporium LLaVA-NeXT metadata
+(conceptual-captions-cc12m-llavanext) is JSONL/Parquet with `caption_llava`, `caption_llava_short`
+beside the url: caption columns other than the alt text are carried into the shards verbatim.
+
+What comes from img2dataset 1.47 and what does not:
+- used as is: its `Resizer` (decode, resize, re-encode with OpenCV), `compute_key` (keys compatible
+  with an img2dataset run of the same shard size, so published recaptions keyed that way join) and
+  `is_disallowed` (X-Robots-Tag opt-outs, in `url_safety`).
+- not used: its `download_image` (urllib: follows redirects and resolves names by itself, no byte
+  cap; see `url_safety`), its `Downloader.download_shard` (writes rows in completion order, stamps
+  no deterministic order, and its writer streams straight to the final path, so a killed run leaves
+  a half shard under the real name) and its Ray distributor (submits every shard once and drops the
+  failed ones instead of retrying them). The shard loop below follows `download_shard`'s shape:
+  threads download, one thread decodes and resizes, a semaphore bounds the bodies held in memory.
+
+Determinism: rows keep input order, keys come from positions, nothing time-dependent is written,
+so a killed run re-run gives byte-identical shards and manifest to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from multiprocessing.pool import ThreadPool
+from threading import Semaphore
+from typing import Any
+
+# albumentations (imported by img2dataset's resizer) checks PyPI for updates on import unless told
+# not to; the fetch workers must not send traffic anywhere but the URLs they were given.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipelines import manifest as manifest_lib
+from pipelines import storage
+from pipelines.url_safety import RETRYABLE, AllowList, Response, SafetyPolicy, safe_get
+
+# Decompression bombs are refused from the header (see `_check_header`); PIL's own warning is noise.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+COMMIT_DIR = "_commits"
+# Output column order; carried caption columns go after alt_text.
+HEAD_COLUMNS = ("key", "url", "alt_text")
+TAIL_FIELDS = (
+    pa.field("image", pa.binary()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("sha256", pa.string()),
+    pa.field("status", pa.string()),          # "success", "failed" or "refused"
+    pa.field("status_class", pa.string()),    # "ok", "http_404", "timeout", "forbidden_address", ...
+    pa.field("error", pa.string()),
+)
+RESERVED = frozenset(HEAD_COLUMNS) | {f.name for f in TAIL_FIELDS} | {"caption"}
+_URL_COLUMNS = ("url", "image_url", "URL", "img_url")
+_ALT_COLUMNS = ("caption", "alt_text", "txt", "text", "TEXT")
+
+
+@dataclass
+class FetchConfig:
+    urls: str = ""                       # URL list: local path or s3:// (tsv/csv/parquet/jsonl, .gz ok)
+    out: str = ""                        # dataset folder: local path or s3://bucket/prefix
+    input_format: str = "auto"           # auto (from the suffix), tsv, csv, parquet, jsonl
+    url_col: str = ""                    # "" = first of url, image_url, URL, img_url
+    caption_col: str = ""                # alt-text column; "" = first of caption, alt_text, txt, text
+    carry: list[str] | None = None       # extra columns kept verbatim; None = every *caption* column
+    shard_size: int = 2000               # rows per shard (fixed: shard i is rows [i*size, (i+1)*size))
+    image_size: int = 512                # img2dataset Resizer: target side
+    resize_mode: str = "keep_ratio"      # no, keep_ratio, center_crop, border, keep_ratio_largest
+    resize_only_if_bigger: bool = True   # never upscale small images
+    encode_format: str = "jpg"           # jpg, png, webp
+    encode_quality: int = 95
+    min_image_size: int = 0              # shorter side below this -> failed/image_too_small
+    max_pixels: int = 50_000_000         # width*height from the header above this -> refused
+    max_bytes: int = 20 << 20            # per-response body cap
+    timeout: float = 10.0                # seconds per response
+    max_redirects: int = 5
+    allow_hosts: list[str] = field(default_factory=list)  # names or CIDRs exempt from the address policy
+    disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    threads: int = 32                    # concurrent downloads inside one shard task
+    retries: int = 0                     # extra attempts per URL for retryable failures (backoff between)
+    backoff: float = 1.0                 # seconds before the first extra attempt; doubles each time
+    num_cpus: float = 1.0                # Ray resources per shard task
+    max_shard_attempts: int = 3          # a shard task that crashes is resubmitted up to this many times
+    max_in_flight: int = 0               # shard tasks submitted at once; 0 = 2x the cluster's CPUs
+
+
+# Fields that change what a shard holds. A folder's commit markers record their hash, so resuming
+# into a folder built from another list or with other settings is refused instead of mixing shards.
+_SHARD_FIELDS = (
+    "input_format", "url_col", "caption_col", "carry", "shard_size", "image_size", "resize_mode",
+    "resize_only_if_bigger", "encode_format", "encode_quality", "min_image_size", "max_pixels",
+    "max_bytes", "timeout", "max_redirects", "allow_hosts", "disallowed_header_directives",
+)
+
+
+def manifest_config(config: FetchConfig) -> dict[str, Any]:
+    """The config as recorded in the manifest: where the output went is not part of what it is."""
+    from jobs.config import to_dict
+
+    return {k: v for k, v in to_dict(config).items() if k != "out"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the URL list
+
+
+def _format_of(uri: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    name = uri.lower()
+    for suffix in (".gz", ".bz2", ".zst", ".lz4"):
+        name = name.removesuffix(suffix)
+    for fmt, suffixes in {"tsv": (".tsv",), "csv": (".csv",), "parquet": (".parquet",), "jsonl": (".jsonl", ".json")}.items():
+        if name.endswith(suffixes):
+            return fmt
+    raise ValueError(f"cannot tell the format of URL list {uri} from its name; pass input_format=tsv|csv|parquet|jsonl")
+
+
+def _read_delimited(fs, path: str, uri: str, delimiter: str) -> pa.Table:
+    import csv
+
+    with fs.open_input_stream(path, compression="detect") as f:
+        first = f.read(1 << 16).decode("utf-8", errors="replace").splitlines()
+    if not first:
+        raise ValueError(f"URL list {uri} is empty")
+    # The published CC12M TSV has no header: its first field is already a URL.
+    header = next(csv.reader([first[0]], delimiter=delimiter)) if delimiter == "," else first[0].split("\t")
+    if header[0].strip().lower().startswith(("http://", "https://")):
+        names = ["url", "caption"] + [f"column_{i}" for i in range(2, len(header))]
+        skip = 0
+    else:
+        names, skip = [h.strip() for h in header], 1
+    with fs.open_input_stream(path, compression="detect") as f:
+        return pacsv.read_csv(
+            f,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip, block_size=64 << 20),
+            # TSV lists are not quoted (CC12M captions contain bare quotes); CSV follows RFC 4180.
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if delimiter == "," else False),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False),
+        )
+
+
+def read_url_list(uri: str, config: FetchConfig) -> tuple[pa.Table, str, str | None, list[str]]:
+    """(table, url column, alt-text column or None, carried columns) for a URL list."""
+    fs, path = storage.resolve(uri)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"URL list {uri} does not exist")
+    fmt = _format_of(uri, config.input_format)
+    try:
+        if fmt in ("tsv", "csv"):
+            table = _read_delimited(fs, path, uri, "\t" if fmt == "tsv" else ",")
+        elif fmt == "parquet":
+            table = pq.read_table(path, filesystem=fs)
+        elif fmt == "jsonl":
+            with fs.open_input_stream(path, compression="detect") as f:
+                table = pajson.read_json(f)
+        else:
+            raise ValueError(f"unknown input_format {fmt!r}: use tsv, csv, parquet or jsonl")
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"cannot parse URL list {uri} as {fmt}: {err}") from err
+    columns = table.column_names
+    url_col = config.url_col or next((c for c in _URL_COLUMNS if c in columns), "")
+    if url_col not in columns:
+        raise ValueError(f"URL list {uri} has no url column (columns: {', '.join(columns)}); pass url_col=NAME")
+    alt_col = config.caption_col or next((c for c in _ALT_COLUMNS if c in columns), None)
+    if alt_col is not None and alt_col not in columns:
+        raise ValueError(f"caption column {alt_col!r} not in URL list {uri} (columns: {', '.join(columns)})")
+    if config.carry is None:
+        carry = [c for c in columns if "caption" in c.lower() and c not in (url_col, alt_col)]
+    else:
+        carry = list(config.carry)
+        missing = [c for c in carry if c not in columns]
+        if missing:
+            raise ValueError(f"carry columns {missing} not in URL list {uri} (columns: {', '.join(columns)})")
+    clash = sorted(set(carry) & RESERVED)
+    if clash:
+        raise ValueError(f"cannot carry column(s) {clash} from {uri}: the shard schema reserves those names")
+    return table, url_col, alt_col, carry
+
+
+# ---------------------------------------------------------------------------------------------
+# One shard
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int       # first input row
+    stop: int        # one past the last input row
+    width: int       # digits in shard names
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:0{self.width}d}.parquet"
+
+    @property
+    def marker(self) -> str:
+        return f"{COMMIT_DIR}/shard-{self.index:0{self.width}d}.json"
+
+
+def plan_shards(num_rows: int, shard_size: int) -> list[Shard]:
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    count = max(1, math.ceil(num_rows / shard_size))
+    width = max(5, len(str(count - 1)))
+    return [Shard(i, i * shard_size, min(num_rows, (i + 1) * shard_size), width) for i in range(count)]
+
+
+def shard_schema(carry_fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema([pa.field("key", pa.string()), pa.field("url", pa.string()), pa.field("alt_text", pa.string()),
+                      *carry_fields, *TAIL_FIELDS])
+
+
+def _check_header(body: bytes, content_type: str, max_pixels: int) -> Response | None:
+    """Refuse images whose header claims more than `max_pixels` before anything decodes them.
+
+    PIL's `Image.open` parses only the header; the full decode (OpenCV, in the resizer) comes later
+    and would allocate width*height*channels bytes up front: 2.7 GB for a PNG claiming 30000x30000.
+    """
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            width, height = im.size
+    except Image.DecompressionBombError as err:
+        return Response(None, "refused", "too_many_pixels", f"decompression bomb: {err}")
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for non-images
+        # The type only: PIL's messages name the in-memory buffer's address, which differs per run.
+        return Response(None, "failed", "not_image", f"not an image (Content-Type {content_type or 'none'}; {type(err).__name__})")
+    if width * height > max_pixels:
+        return Response(None, "refused", "too_many_pixels", f"{width}x{height} pixels over the limit of {max_pixels}")
+    return None
+
+
+_RESIZER_ERRORS = {"image too small": "image_too_small", "aspect ratio too large": "bad_aspect",
+                   "image area too large": "too_many_pixels"}
+
+
+class ShardFetcher:
+    """Downloads, checks and resizes a list of URLs; results come back in input order.
+
+    Built once per task; holds the safety policy and img2dataset's `Resizer`.
+    """
+
+    def __init__(self, config: FetchConfig):
+        import img2dataset.downloader  # noqa: F401 - the X-Robots-Tag check; imported before any deadline runs
+        from img2dataset.resizer import Resizer
+
+        self.config = config
+        self.policy = SafetyPolicy(
+            allow=AllowList.parse(config.allow_hosts), timeout=config.timeout, max_bytes=config.max_bytes,
+            max_redirects=config.max_redirects,
+            disallowed_header_directives=frozenset(d.strip().lower() for d in config.disallowed_header_directives),
+        )
+        self.resizer = Resizer(
+            image_size=config.image_size, resize_mode=config.resize_mode,
+            resize_only_if_bigger=config.resize_only_if_bigger, encode_format=config.encode_format,
+            encode_quality=config.encode_quality, min_image_size=config.min_image_size,
+            max_image_area=config.max_pixels,
+        )
+
+    def _download(self, url: str | None, attempts: int) -> Response:
+        if not url:
+            return Response(None, "failed", "bad_url", "empty url")
+        for attempt in range(attempts):
+            resp = safe_get(url, self.policy)
+            if resp.status_class not in RETRYABLE or attempt == attempts - 1:
+                break
+            time.sleep(self.config.backoff * 2**attempt)
+        if resp.body is not None:
+            resp = _check_header(resp.body, resp.content_type, self.config.max_pixels) or resp
+        return resp
+
+    def __call__(self, urls: list[str | None], attempts: int = 1) -> tuple[dict[str, list], int]:
+        """urls -> (columns image..error, one entry per url in order; bytes downloaded)."""
+        n = len(urls)
+        out = {f.name: [None] * n for f in TAIL_FIELDS}
+        downloaded = 0
+        # Bound the bodies waiting for the resizer, as img2dataset's download_shard does.
+        semaphore = Semaphore(self.config.threads * 2)
+
+        def jobs():
+            for i, url in enumerate(urls):
+                semaphore.acquire()
+                yield i, url
+
+        # The resizer runs in this thread only: img2dataset's Resizer silences OpenCV by swapping
+        # process-wide file descriptors 1 and 2, which is not safe from several threads at once.
+        with ThreadPool(max(1, min(self.config.threads, n))) as pool:
+            for i, resp in pool.imap_unordered(lambda job: (job[0], self._download(job[1], attempts)), jobs()):
+                try:
+                    downloaded += resp.bytes_read
+                    if resp.body is None:
+                        out["status"][i], out["status_class"][i], out["error"][i] = resp.status, resp.status_class, resp.error
+                        continue
+                    img, width, height, orig_w, orig_h, err = self.resizer(io.BytesIO(resp.body))
+                    if err is not None:
+                        out["status"][i] = "refused" if _RESIZER_ERRORS.get(err) == "too_many_pixels" else "failed"
+                        out["status_class"][i] = _RESIZER_ERRORS.get(err, "decode_error")
+                        out["error"][i] = err
+                        continue
+                    out["image"][i], out["width"][i], out["height"][i] = img, width, height
+                    out["original_width"][i], out["original_height"][i] = orig_w, orig_h
+                    out["sha256"][i] = hashlib.sha256(img).hexdigest()
+                    out["status"][i], out["status_class"][i], out["error"][i] = "success", "ok", ""
+                finally:
+                    semaphore.release()
+        return out, downloaded
+
+
+def shard_stats(table: pa.Table) -> dict[str, Any]:
+    """Statistics that follow from a shard's rows alone (so they are the same however it was built)."""
+    images = table.column("image")
+    return {
+        "rows": table.num_rows,
+        "status": dict(sorted(Counter(table.column("status").to_pylist()).items())),
+        "status_class": dict(sorted(Counter(table.column("status_class").to_pylist()).items())),
+        "bytes_stored": int(sum(len(b) for b in images.to_pylist() if b is not None)),
+    }
+
+
+def _encode(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    # Small row groups let readers (Ray Data, training) stream a shard instead of loading it whole.
+    pq.write_table(table, sink, row_group_size=256)
+    return sink.getvalue().to_pybytes()
+
+
+def commit_shard(out: str, shard: Shard, table: pa.Table, fingerprint: str, tail: dict[str, list],
+                 downloaded: int) -> dict[str, Any]:
+    """Write the shard, then its commit marker; both atomic. Returns the marker plus this run's numbers."""
+    data = _encode(table)
+    storage.write_bytes(storage.join(out, shard.name), data)
+    marker = {
+        "shard": shard.name, "rows": table.num_rows, "input_rows": [shard.start, shard.stop],
+        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "fingerprint": fingerprint,
+        "stats": shard_stats(table),
+    }
+    storage.write_bytes(storage.join(out, shard.marker), (json.dumps(marker, indent=1, sort_keys=True) + "\n").encode())
+    fetched_ok = sum(s == "success" for s in tail["status"])
+    return {**marker, "downloaded": downloaded, "fetched_ok": fetched_ok}
+
+
+def fetch_shard(config: FetchConfig, shard: Shard, rows: pa.Table, url_col: str, alt_col: str | None,
+                carry: list[str], fingerprint: str) -> dict[str, Any]:
+    """Download one input shard and commit it. Runs inside a Ray task."""
+    from img2dataset.downloader import compute_key
+
+    oom_sample = math.ceil(math.log10(config.shard_size)) if config.shard_size > 1 else 1
+    keys = [compute_key(i, shard.index, oom_sample, shard.width) for i in range(rows.num_rows)]
+    urls = rows.column(url_col).to_pylist()
+    tail, downloaded = ShardFetcher(config)(urls)
+    alt = rows.column(alt_col).cast(pa.string()) if alt_col else pa.nulls(rows.num_rows, pa.string())
+    carried = [rows.column(c) for c in carry]
+    schema = shard_schema([rows.schema.field(c) for c in carry])
+    arrays = [pa.array(keys, pa.string()), rows.column(url_col).cast(pa.string()), alt, *carried]
+    arrays += [pa.array(tail[f.name], f.type) for f in TAIL_FIELDS]
+    table = pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays], schema=schema)
+    return commit_shard(config.out, shard, table, fingerprint, tail, downloaded)
+
+
+def retry_shard(config: FetchConfig, shard: Shard, fingerprint: str) -> dict[str, Any]:
+    """Re-fetch the rows of a committed shard whose failure class is retryable; rewrite it atomically."""
+    uri = storage.join(config.out, shard.name)
+    fs, path = storage.resolve(uri)
+    table = pq.read_table(path, filesystem=fs)
+    classes = table.column("status_class").to_pylist()
+    todo = [i for i, c in enumerate(classes) if c in RETRYABLE]
+    urls = table.column("url").to_pylist()
+    tail, downloaded = ShardFetcher(config)([urls[i] for i in todo], attempts=1 + max(0, config.retries))
+    columns = {f.name: table.column(f.name).to_pylist() for f in TAIL_FIELDS}
+    for j, i in enumerate(todo):
+        for name in columns:
+            columns[name][i] = tail[name][j]
+    for f in TAIL_FIELDS:
+        table = table.set_column(table.schema.get_field_index(f.name), f, pa.array(columns[f.name], f.type))
+    return commit_shard(config.out, shard, table, fingerprint, tail, downloaded)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job: plan, skip committed shards, run the rest as Ray tasks with our own retries, manifest last
+
+
+def fingerprint_of(config: FetchConfig, input_sha256: str) -> str:
+    from jobs.config import to_dict
+
+    settings = {k: v for k, v in to_dict(config).items() if k in _SHARD_FIELDS}
+    blob = json.dumps({"input": input_sha256, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_markers(out: str) -> dict[str, dict[str, Any]]:
+    """Committed shards of a dataset folder: shard name -> commit marker."""
+    markers = {}
+    for uri in storage.list_files(storage.join(out, COMMIT_DIR), suffix=".json"):
+        marker = json.loads(storage.read_bytes(uri))
+        markers[marker["shard"]] = marker
+    return markers
+
+
+def aggregate(markers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Dataset statistics from the shards' markers (deterministic: no time, no per-run numbers)."""
+    status, classes = Counter(), Counter()
+    rows = stored = 0
+    for m in markers:
+        rows += m["stats"]["rows"]
+        stored += m["stats"]["bytes_stored"]
+        status.update(m["stats"]["status"])
+        classes.update(m["stats"]["status_class"])
+    refused = {c: n for c, n in classes.items() if c in _REFUSAL_CLASSES}
+    return {
+        "rows": rows,
+        "success": status.get("success", 0),
+        "success_rate": round(status.get("success", 0) / rows, 6) if rows else 0.0,
+        "status": dict(sorted(status.items())),
+        "status_class": dict(sorted(classes.items())),
+        "refusals": dict(sorted(refused.items())),
+        "bytes_stored": stored,
+    }
+
+
+_REFUSAL_CLASSES = frozenset({"forbidden_scheme", "forbidden_address", "robots_optout", "too_large", "too_many_pixels"})
+
+
+@dataclass
+class FetchResult:
+    stats: dict[str, Any]            # dataset statistics (as in the manifest)
+    shards_run: int                  # shard tasks run by this invocation
+    shards_skipped: int              # already committed
+    images_this_run: int             # successful images fetched by this invocation
+    bytes_downloaded: int            # response bytes read by this invocation
+    seconds: float
+    manifest_uri: str = ""
+
+
+def _ray_tasks(config: FetchConfig, jobs: list[tuple[Shard, tuple]], fn, progress) -> tuple[list[dict], list[str]]:
+    """Run `fn(*args)` per shard as Ray tasks; resubmit crashed ones up to max_shard_attempts."""
+    import ray
+
+    remote = ray.remote(fn).options(num_cpus=config.num_cpus, max_retries=0)
+    limit = config.max_in_flight or max(1, int(2 * ray.cluster_resources().get("CPU", 1) / max(config.num_cpus, 0.01)))
+    pending = deque((shard, args, 1) for shard, args in jobs)
+    running: dict[Any, tuple[Shard, tuple, int]] = {}
+    done, failed = [], []
+    while pending or running:
+        while pending and len(running) < limit:
+            shard, args, attempt = pending.popleft()
+            running[remote.remote(*args)] = (shard, args, attempt)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        for ref in ready:
+            shard, args, attempt = running.pop(ref)
+            try:
+                marker = ray.get(ref)
+            except (ray.exceptions.RayError, OSError) as err:
+                if attempt < config.max_shard_attempts:
+                    print(f"fetch: {shard.name} attempt {attempt} failed ({type(err).__name__}); retrying", file=sys.stderr)
+                    pending.append((shard, args, attempt + 1))
+                else:
+                    failed.append(f"{shard.name}: {str(err).splitlines()[-1] if str(err) else type(err).__name__}")
+                continue
+            done.append(marker)
+            progress.update(1)
+            progress.set_postfix(images=sum(m.get("fetched_ok", 0) for m in done), refresh=False)
+    return done, failed
+
+
+def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
+    """Fetch (or resume fetching) `config.urls` into `config.out`; with `retry_failed`, also re-fetch
+    the retryable failures of committed shards. Writes the manifest last. Ray must be initialised."""
+    from tqdm import tqdm
+
+    if not config.urls or not config.out:
+        raise ValueError("fetch needs both urls (the URL list) and out (the dataset folder)")
+    start_time = time.perf_counter()
+    table, url_col, alt_col, carry = read_url_list(config.urls, config)
+    input_entry = manifest_lib.input_entry(config.urls)
+    fingerprint = fingerprint_of(config, input_entry.sha256)
+    shards = plan_shards(table.num_rows, config.shard_size)
+
+    manifest_uri = storage.join(config.out, manifest_lib.MANIFEST_NAME)
+    if storage.exists(manifest_uri):
+        kind = manifest_lib.read(config.out).kind
+        if kind != "fetch":
+            raise ValueError(f"{config.out} holds a {kind!r} dataset, not a fetch; choose another --out")
+    markers = read_markers(config.out)
+    foreign = sorted(name for name, m in markers.items() if m.get("fingerprint") != fingerprint)
+    if foreign:
+        raise ValueError(
+            f"{config.out} already holds shards ({foreign[0]}, ...) fetched from another URL list or with other "
+            f"settings; delete the folder or choose another --out"
+        )
+    todo = [s for s in shards if s.name not in markers]
+    retry = [s for s in shards if retry_failed and s.name in markers
+             and any(markers[s.name]["stats"]["status_class"].get(c) for c in RETRYABLE)]
+    if todo or retry:
+        # The folder is about to change: it must not look complete until the new manifest is written.
+        storage.delete(manifest_uri)
+
+    # Slices are zero-copy; Ray's Arrow serializer ships only the sliced rows to each task.
+    jobs = [(s, (config, s, table.slice(s.start, s.stop - s.start), url_col, alt_col, carry, fingerprint)) for s in todo]
+    jobs += [(s, (config, s, fingerprint)) for s in retry]
+    with tqdm(total=len(shards) + len(retry), initial=len(shards) - len(todo), desc="fetch", unit="shard",
+              file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as progress:
+        new, failed = [], []
+        fetch_jobs, retry_jobs = jobs[:len(todo)], jobs[len(todo):]
+        if fetch_jobs:
+            got, bad = _ray_tasks(config, fetch_jobs, fetch_shard, progress)
+            new += got
+            failed += bad
+        if retry_jobs:
+            got, bad = _ray_tasks(config, retry_jobs, retry_shard, progress)
+            new += got
+            failed += bad
+    for marker in new:
+        markers[marker["shard"]] = marker
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} shard(s) failed after {config.max_shard_attempts} attempts: {'; '.join(failed[:5])}. "
+            f"Committed shards are kept; run the same command again to resume"
+        )
+
+    ordered = [markers[s.name] for s in shards]
+    stats = aggregate(ordered)
+    manifest = manifest_lib.Manifest(
+        kind="fetch", config=manifest_config(config), inputs=[input_entry],
+        shards=[manifest_lib.FileEntry(path=m["shard"], sha256=m["sha256"], bytes=m["bytes"], rows=m["rows"]) for m in ordered],
+        stats={"fetch": stats},
+    )
+    uri = manifest_lib.write(config.out, manifest)
+    return FetchResult(
+        stats=stats, shards_run=len(new), shards_skipped=len(shards) - len(todo),
+        images_this_run=sum(m.get("fetched_ok", 0) for m in new),
+        bytes_downloaded=sum(m.get("downloaded", 0) for m in new), seconds=time.perf_counter() - start_time,
+        manifest_uri=uri,
+    )
+
+
+def stats_table(result: FetchResult) -> str:
+    """The end-of-run table: outcome by status class, bytes, and this run's speed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    stats = result.stats
+    rows = stats["rows"] or 1
+    table = Table(title=f"fetch: {stats['success']}/{stats['rows']} images ({100 * stats['success_rate']:.1f}%)")
+    table.add_column("status class")
+    table.add_column("rows", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("retried by --retry-failed")
+    for cls, n in sorted(stats["status_class"].items(), key=lambda kv: -kv[1]):
+        table.add_row(cls, str(n), f"{100 * n / rows:.1f}%", "yes" if cls in RETRYABLE else "")
+    console = Console(file=io.StringIO(), width=100, force_terminal=False)
+    console.print(table)
+    speed = result.images_this_run / result.seconds if result.seconds > 0 else 0.0
+    console.print(
+        f"bytes stored {stats['bytes_stored']:,}  |  downloaded this run {result.bytes_downloaded:,}  |  "
+        f"shards run {result.shards_run}, skipped (committed) {result.shards_skipped}  |  "
+        f"{result.images_this_run} images in {result.seconds:.1f}s = {speed:.1f} images/s"
+    )
+    if stats["refusals"]:
+        console.print("refused: " + ", ".join(f"{k} {v}" for k, v in stats["refusals"].items()))
+    return console.file.getvalue()

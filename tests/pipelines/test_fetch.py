@@ -1,0 +1,281 @@
+"""pipelines/fetch.py and pipelines/url_safety.py against a real HTTP server on 127.0.0.1 and real Ray.
+No packet goes anywhere but 127.0.0.0/8. Fetching to S3 is tested end to end in test_recaption.py."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import fetch, manifest, storage
+from pipelines.url_safety import AllowList, address_refusal
+from tests.conftest import ROOT, run_cli
+from tests.pipelines.conftest import ImageServer
+
+# --- the address policy, checked on the function: nothing is ever sent to these addresses ---------
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("10.0.0.1", "private"),
+    ("172.16.5.4", "private"),
+    ("192.168.1.20", "private"),
+    ("169.254.169.254", "metadata"),
+    ("169.254.170.2", "metadata"),
+    ("fd00:ec2::254", "metadata"),
+    ("100.100.100.200", "metadata"),
+    ("169.254.1.1", "link_local"),
+    ("fe80::1", "link_local"),
+    ("127.0.0.1", "loopback"),
+    ("::1", "loopback"),
+    ("fd00::1", "private"),
+    ("0.0.0.0", "unspecified"),
+    ("224.0.0.1", "multicast"),
+    ("100.64.0.1", "reserved"),
+    ("::ffff:10.0.0.1", "private (via ::ffff:a00:1)"),
+    ("2002:a9fe:a9fe::", "metadata (via 2002:a9fe:a9fe::)"),
+    ("64:ff9b::7f00:1", "loopback (via 64:ff9b::7f00:1)"),
+    ("8.8.8.8", None),
+    ("2606:4700::1111", None),
+])
+def test_address_refusal(address, reason):
+    assert address_refusal(address) == reason
+
+
+def test_allow_list_names_and_cidrs():
+    allow = AllowList.parse(["127.0.0.1", "10.1.0.0/16", "Images.Example.org", ".cdn.example"])
+    assert address_refusal("127.0.0.1", allow) is None
+    assert address_refusal("127.0.0.2", allow) == "loopback"        # allowing one address allows only it
+    assert address_refusal("10.1.2.3", allow) is None
+    assert address_refusal("10.2.0.1", allow) == "private"
+    assert address_refusal("::ffff:127.0.0.1", allow) is None        # the same host written as IPv6
+    assert allow.allows_name("images.example.org.") and allow.allows_name("a.cdn.example")
+    assert not allow.allows_name("example.org")
+    with pytest.raises(ValueError, match="neither a host name nor a CIDR"):
+        AllowList.parse(["10.0.0.0/99"])
+
+
+# --- input layouts -----------------------------------------------------------------------------
+
+
+def test_input_layouts(tmp_path):
+    cfg = fetch.FetchConfig()
+    # The published CC12M list: TSV, no header, url<TAB>caption, bare quotes in captions.
+    (tmp_path / "cc12m.tsv").write_text('http://a/1.jpg\ta "quoted" <PERSON> caption\nhttp://a/2.jpg\tsecond\n')
+    table, url, alt, carry = fetch.read_url_list(str(tmp_path / "cc12m.tsv"), cfg)
+    assert (url, alt, carry, table.num_rows) == ("url", "caption", [], 2)
+    assert table.column("caption")[0].as_py() == 'a "quoted" <PERSON> caption'
+    # CaptionEmporium LLaVA-NeXT metadata: JSONL with LLaVA captions beside the url; carried verbatim.
+    rows = [{"url": f"http://a/{i}.jpg", "caption_llava": f"long {i}", "caption_llava_short": f"short {i}"} for i in range(3)]
+    (tmp_path / "llava.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table, url, alt, carry = fetch.read_url_list(str(tmp_path / "llava.jsonl"), cfg)
+    assert (url, alt, carry) == ("url", None, ["caption_llava", "caption_llava_short"])
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "llava.parquet")
+    assert fetch.read_url_list(str(tmp_path / "llava.parquet"), cfg)[3] == ["caption_llava", "caption_llava_short"]
+    # CSV with a header and quoting.
+    (tmp_path / "list.csv").write_text('image_url,caption,other\nhttp://a/1.jpg,"a, b",x\n')
+    table, url, alt, carry = fetch.read_url_list(str(tmp_path / "list.csv"), cfg)
+    assert (url, alt, carry, table.column("caption")[0].as_py()) == ("image_url", "caption", [], "a, b")
+    # Bad input names what and where.
+    (tmp_path / "nourl.csv").write_text("link,caption\nhttp://a/1.jpg,x\n")
+    with pytest.raises(ValueError, match="nourl.csv has no url column"):
+        fetch.read_url_list(str(tmp_path / "nourl.csv"), cfg)
+    with pytest.raises(ValueError, match="reserves"):
+        fetch.read_url_list(str(tmp_path / "llava.jsonl"), fetch.FetchConfig(carry=["url"]))
+    with pytest.raises(FileNotFoundError, match="missing.tsv"):
+        fetch.read_url_list(str(tmp_path / "missing.tsv"), cfg)
+
+
+# --- hostile server: every row gets the right status, and no forbidden request is made ---------
+
+
+def _hostile_rows(server, canary) -> list[tuple[str, str, str]]:
+    """(url, expected status, expected status_class)."""
+    b = server.base
+    return [
+        (f"{b}/img/1.jpg", "success", "ok"),
+        (f"{b}/img/2.png", "success", "ok"),
+        (f"{b}/redirect/3.jpg", "success", "ok"),
+        (f"{b}/status/404", "failed", "http_404"),
+        (f"{b}/status/410", "failed", "http_410"),
+        (f"{b}/status/500", "failed", "http_5xx"),
+        (f"{b}/status/429", "failed", "http_429"),
+        (f"{b}/slow/4.jpg?s=6", "failed", "timeout"),
+        (f"{b}/loop/a", "failed", "redirect_loop"),
+        (f"{b}/redirect-forbidden", "refused", "forbidden_address"),
+        (f"{canary.base}/direct.jpg", "refused", "forbidden_address"),
+        (f"{b}/text", "failed", "not_image"),
+        (f"{b}/truncated.jpg", "failed", "decode_error"),
+        (f"{b}/bomb.png", "refused", "too_many_pixels"),
+        (f"{b}/big", "refused", "too_large"),
+        (f"{b}/big-declared", "refused", "too_large"),
+        (f"{b}/noai.jpg", "refused", "robots_optout"),
+        ("file:///etc/passwd", "refused", "forbidden_scheme"),
+        ("ftp://127.0.0.1/x.jpg", "refused", "forbidden_scheme"),
+        ("", "failed", "bad_url"),
+    ]
+
+
+def _read_dataset(out: str) -> pa.Table:
+    m = manifest.read(out)
+    tables = []
+    for s in m.shards:
+        fs, path = storage.resolve(storage.join(out, s.path))
+        tables.append(pq.read_table(path, filesystem=fs))
+    return pa.concat_tables(tables)
+
+
+def test_fetch_hostile_server(ray_session, image_server, canary, tmp_path):
+    rows = _hostile_rows(image_server, canary)
+    urls = tmp_path / "urls.tsv"
+    # Headerless like CC12M (row 0 starts with a URL); the empty-url row is an empty field.
+    urls.write_text("".join(f"{u}\tcaption {i}\n" for i, (u, _, _) in enumerate(rows)))
+    out = str(tmp_path / "ds")
+    cfg = fetch.FetchConfig(urls=str(urls), out=out, shard_size=8, timeout=2.5, max_bytes=200_000,
+                            allow_hosts=["127.0.0.1"], threads=8)
+    result = fetch.run(cfg)
+
+    table = _read_dataset(out)
+    assert table.num_rows == len(rows)
+    got = list(zip(table.column("url").to_pylist(), table.column("status").to_pylist(), table.column("status_class").to_pylist()))
+    for (url, status, cls), (got_url, got_status, got_cls), err in zip(rows, got, table.column("error").to_pylist()):
+        assert (got_url, got_status, got_cls) == (url, status, cls), f"{url}: {err}"
+    # Nothing reached the forbidden address, directly or by redirect.
+    assert canary.requests == []
+    # Success rows: stored image bytes decode to the recorded size, sha256 is of those bytes.
+    for r in table.filter(pa.compute.equal(table.column("status"), "success")).to_pylist():
+        im = Image.open(io.BytesIO(r["image"]))
+        assert im.size == (r["width"], r["height"]) == (96, 64) == (r["original_width"], r["original_height"])
+        assert r["sha256"] == hashlib.sha256(r["image"]).hexdigest()
+    for r in table.filter(pa.compute.not_equal(table.column("status"), "success")).to_pylist():
+        assert r["image"] is None and r["error"]
+    # The data contract: column names and types, keys deterministic and zero-padded.
+    assert table.schema.names == ["key", "url", "alt_text", "image", "width", "height", "original_width",
+                                  "original_height", "sha256", "status", "status_class", "error"]
+    assert table.schema.field("width").type == pa.int32() and table.schema.field("image").type == pa.binary()
+    assert table.column("key").to_pylist()[:3] == ["000000", "000001", "000002"]
+    assert table.column("key")[8].as_py() == "000010"  # shard 1, row 0 (img2dataset's key layout)
+    assert table.column("alt_text")[1].as_py() == "caption 1"
+    # Every refusal is counted by reason, in the manifest and the printed table.
+    stats = manifest.read(out).stats["fetch"]
+    assert stats["refusals"] == {"forbidden_address": 2, "forbidden_scheme": 2, "robots_optout": 1,
+                                 "too_large": 2, "too_many_pixels": 1}
+    assert stats["success"] == 3 and result.images_this_run == 3
+    text = fetch.stats_table(result)
+    assert "http_404" in text and "images/s" in text and "forbidden_address 2" in text
+    assert manifest.verify(out) == []
+    # Re-running the finished job fetches nothing and leaves the manifest byte-identical.
+    before = storage.read_bytes(storage.join(out, "manifest.json"))
+    hits = sum(image_server.hits.values())
+    again = fetch.run(cfg)
+    assert again.shards_run == 0 and sum(image_server.hits.values()) == hits
+    assert storage.read_bytes(storage.join(out, "manifest.json")) == before
+
+
+def test_pixel_limit_below_pil_guard(ray_session, image_server, tmp_path):
+    """Our own header check, not PIL's bomb guard, refuses an image over max_pixels."""
+    urls = tmp_path / "urls.tsv"
+    urls.write_text(f"{image_server.base}/img/5.jpg\tok\n")
+    cfg = fetch.FetchConfig(urls=str(urls), out=str(tmp_path / "ds"), max_pixels=96 * 64 - 1, allow_hosts=["127.0.0.1"])
+    fetch.run(cfg)
+    row = _read_dataset(cfg.out).to_pylist()[0]
+    assert (row["status"], row["status_class"]) == ("refused", "too_many_pixels")
+    assert "96x64 pixels over the limit" in row["error"]
+
+
+def test_refuses_foreign_folder(ray_session, image_server, tmp_path):
+    urls = tmp_path / "urls.tsv"
+    urls.write_text(f"{image_server.base}/img/6.jpg\tok\n")
+    cfg = fetch.FetchConfig(urls=str(urls), out=str(tmp_path / "ds"), allow_hosts=["127.0.0.1"])
+    fetch.run(cfg)
+    cfg.image_size = 256  # other settings, same folder: refusing beats mixing shards
+    with pytest.raises(ValueError, match="fetched from another URL list or with other settings"):
+        fetch.run(cfg)
+
+
+# --- --retry-failed ----------------------------------------------------------------------------
+
+
+def test_retry_failed_by_status_class(ray_session, canary, tmp_path):
+    server = ImageServer(canary.base)  # its own server: "healing" the flaky endpoint is global
+    try:
+        b = server.base
+        lines = [f"{b}/img/{i}.jpg" for i in range(4)] + [f"{b}/flaky/20.jpg", f"{b}/status/404", f"{b}/flaky/21.jpg", f"{b}/status/410"]
+        urls = tmp_path / "urls.tsv"
+        urls.write_text("".join(f"{u}\tc\n" for u in lines))
+        out = str(tmp_path / "ds")
+        cfg = fetch.FetchConfig(urls=str(urls), out=out, shard_size=4, allow_hosts=["127.0.0.1"], backoff=0.05)
+        fetch.run(cfg)
+        first = manifest.read(out)
+        assert first.stats["fetch"]["status_class"] == {"http_404": 1, "http_410": 1, "http_5xx": 2, "ok": 4}
+
+        server.heal()
+        hits_404 = server.hits["/status/404"]
+        result = fetch.run(cfg, retry_failed=True)
+        second = manifest.read(out)
+        assert result.shards_run == 1 and result.images_this_run == 2
+        assert second.stats["fetch"]["status_class"] == {"http_404": 1, "http_410": 1, "ok": 6}
+        assert server.hits["/status/404"] == hits_404            # 404/410 are final: not asked again
+        assert first.shards[0] == second.shards[0]               # a shard with nothing to retry is untouched
+        assert first.shards[1].sha256 != second.shards[1].sha256
+        assert manifest.verify(out) == []
+        table = _read_dataset(out)
+        assert table.column("status").to_pylist()[4:] == ["success", "failed", "success", "failed"]
+    finally:
+        server.close()
+
+
+# --- kill -9 mid-run, then resume: same shards as an uninterrupted run --------------------------
+
+
+def test_killed_fetch_resumes_to_identical_shards(ray_session, image_server, tmp_path):
+    b = image_server.base
+    # Shard 0 is quick; shards 1 and 2 wait on slow responses, so the kill lands mid-run.
+    lines = [f"{b}/img/{i}.jpg" for i in range(4)]
+    lines += [f"{b}/slow/{i}.jpg?s=2" if i % 2 else f"{b}/img/{i}.jpg" for i in range(4, 12)]
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("".join(f"{u}\tcaption {i}\n" for i, u in enumerate(lines)))
+    # One shard task at a time: each CLI run is a new Ray job with fresh workers, and every worker
+    # pays img2dataset's import once; one worker keeps the test short on a 2-core machine.
+    args = ["--urls", str(urls), "--shard-size", "4", "--allow-hosts", "127.0.0.1", "timeout=5", "max_in_flight=1"]
+
+    # The CLI joins the test's Ray instance (RAY_ADDRESS), as a job submitted to a cluster would.
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "fetch", "--out", killed, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        first_marker = os.path.join(killed, fetch.COMMIT_DIR, "shard-00000.json")
+        while not os.path.exists(first_marker):
+            assert proc.poll() is None, "fetch exited before its first shard committed"
+            assert time.monotonic() < deadline, "no shard committed within 120s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not os.path.exists(os.path.join(killed, "manifest.json"))   # never looks complete
+    committed = os.listdir(os.path.join(killed, fetch.COMMIT_DIR))
+    assert len(committed) < 3, "the run finished before it was killed; the test proved nothing"
+
+    resumed = run_cli("fetch", "--out", killed, *args, env={"RAY_ADDRESS": env["RAY_ADDRESS"]}, timeout=300)
+    assert "skipped (committed) " in resumed.stdout
+
+    clean = str(tmp_path / "clean")
+    fetch.run(fetch.FetchConfig(urls=str(urls), out=clean, shard_size=4, allow_hosts=["127.0.0.1"], timeout=5, max_in_flight=1))
+    a, b_ = manifest.read(killed), manifest.read(clean)
+    assert [(s.path, s.sha256) for s in a.shards] == [(s.path, s.sha256) for s in b_.shards]
+    assert storage.read_bytes(os.path.join(killed, "manifest.json")) == storage.read_bytes(os.path.join(clean, "manifest.json"))
+    assert manifest.verify(killed) == []

@@ -1,0 +1,204 @@
+"""pipelines/recaption.py with a tiny random LLaVA built here and loaded by the real loading code,
+on real Ray Data; plus the S3 round trip (fetch -> recaption -> manifest) through the CLI against
+a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from model.text_encoder import build_tiny_t5, count_tokens, load_tokenizer
+from pipelines import fetch, manifest, recaption, storage
+from tests.conftest import run_cli
+
+WORDS = "a an the photo picture of red green blue cat dog car tree house sky person on in with and small large image describe this".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tiny_llava(out_dir: Path) -> Path:
+    """A random LLaVA (tiny Llama text model + tiny CLIP vision tower) with an offline word-level
+    tokenizer and a CLIP image processor, saved with save_pretrained like a hub checkpoint."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    vocab = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", *WORDS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=32, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id),
+        image_token_id=tokenizer.image_token_id, vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).eval().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return build_tiny_llava(root / "llava"), build_tiny_t5(root / "t5")
+
+
+@pytest.fixture(scope="module")
+def fetched(ray_session, image_server, tmp_path_factory):
+    """A small fetched dataset: 2 shards, 5 images and one 404."""
+    root = tmp_path_factory.mktemp("fetched")
+    b = image_server.base
+    urls = root / "urls.tsv"
+    urls.write_text("".join(f"{u}\talt {i}\n" for i, u in enumerate(
+        [f"{b}/img/{i}.jpg" for i in range(3)] + [f"{b}/status/404", f"{b}/img/3.jpg", f"{b}/img/4.png"])))
+    out = str(root / "ds")
+    fetch.run(fetch.FetchConfig(urls=str(urls), out=out, shard_size=3, allow_hosts=["127.0.0.1"]))
+    return out
+
+
+def _table(root: str) -> pa.Table:
+    return pa.concat_tables(pq.read_table(storage.resolve(storage.join(root, s.path))[1],
+                                          filesystem=storage.resolve(root)[0]) for s in manifest.read(root).shards)
+
+
+def test_recaption_generates_and_resumes(ray_session, models, fetched, tmp_path):
+    llava, t5 = models
+    out = str(tmp_path / "rc")
+    cfg = recaption.RecaptionConfig(data=fetched, out=out, model=str(llava), prompt="describe this image",
+                                    max_new_tokens=6, batch_size=4, t5_tokenizer=str(t5))
+    result = recaption.run(cfg)
+    assert (result.shards_run, result.images_this_run) == (2, 5)
+
+    src, table = _table(fetched), _table(out)
+    assert table.column_names == src.column_names + ["caption", "captioner", "caption_prompt_sha256",
+                                                     "caption_settings", "caption_t5_tokens"]
+    assert table.select(src.column_names).equals(src)  # the fetched rows pass through untouched
+    has_image = [img is not None for img in table.column("image").to_pylist()]
+    captions = table.column("caption").to_pylist()
+    assert [c is not None for c in captions] == has_image == [True, True, True, False, True, True]
+    tok = load_tokenizer(str(t5))
+    rows = [r for r in table.to_pylist() if r["caption"] is not None]
+    assert all(r["caption"] and set(r["caption"].split()) <= set(WORDS) for r in rows)
+    assert [r["caption_t5_tokens"] for r in rows] == count_tokens(tok, [r["caption"] for r in rows])
+    assert {r["captioner"] for r in rows} == {str(llava)}
+    assert {r["caption_prompt_sha256"] for r in rows} == {recaption._prompt_sha(cfg)}
+    assert json.loads(rows[0]["caption_settings"]) == {"source": "generate", "max_new_tokens": 6, "do_sample": False,
+                                                       "num_beams": 1, "dtype": "auto"}
+    m = manifest.read(out)
+    assert m.kind == "recaption" and m.stats["recaption"]["captioned"] == 5 and "fetch" in m.stats
+    assert m.stats["recaption"]["share_over_prompt_length"] == 0.0
+    assert manifest.verify(out) == []
+    assert "images/s" in recaption.summary(result)
+
+    # Resume: lose one output shard and its marker; only that shard is captioned again, identically.
+    before = {s.path: s.sha256 for s in m.shards}
+    storage.delete(storage.join(out, "shard-00001.parquet"))
+    storage.delete(storage.join(out, recaption.COMMIT_DIR, "shard-00001.json"))
+    again = recaption.run(cfg)
+    assert (again.shards_run, again.shards_skipped) == (1, 1)
+    assert {s.path: s.sha256 for s in manifest.read(out).shards} == before
+    assert recaption.run(cfg).shards_run == 0
+
+
+def test_recaption_from_jsonl(ray_session, models, fetched, tmp_path):
+    _, t5 = models
+    keys = _table(fetched).column("key").to_pylist()
+    lines = [{"key": keys[0], "caption_llava": "a red cat"}, {"key": keys[0], "caption_llava": "a later duplicate"},
+             {"key": keys[4], "caption_llava": "a blue car on the road"}, {"key": "999999", "caption_llava": "unmatched"}]
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = str(tmp_path / "joined")
+    cfg = recaption.RecaptionConfig(data=fetched, out=out, from_jsonl=str(jsonl), jsonl_caption_col="caption_llava",
+                                    t5_tokenizer=str(t5))
+    recaption.run(cfg)
+    table = _table(out)
+    assert table.column("caption").to_pylist() == ["a red cat", None, None, None, "a blue car on the road", None]
+    assert table.column("caption_t5_tokens").to_pylist()[0] == len("a red cat") + 1  # ByT5: bytes + EOS
+    assert table.column("captioner")[0].as_py() == f"jsonl:{jsonl}"
+    assert table.column("caption_prompt_sha256")[0].as_py() is None
+    assert manifest.read(out).inputs[1].path == str(jsonl)  # the joined file is an input, with its hash
+
+
+def test_recaption_refuses_incomplete_dataset(ray_session, tmp_path):
+    (tmp_path / "partial").mkdir()
+    cfg = recaption.RecaptionConfig(data=str(tmp_path / "partial"), out=str(tmp_path / "rc"))
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        recaption.run(cfg)
+
+
+def test_s3_fetch_recaption_manifest_roundtrip(s3_server, image_server, models, tmp_path):
+    """fetch -> recaption -> manifest on S3 (moto server on loopback), every step through the CLI.
+
+    The CLI runs start their own Ray (RAY_ADDRESS cleared), so their workers inherit this test's S3
+    endpoint. A watcher lists the bucket throughout: the fetched dataset must never show a manifest
+    before all its shards exist.
+    """
+    import boto3
+
+    llava, t5 = models
+    b = image_server.base
+    rows = [{"url": f"{b}/img/{i}.jpg", "caption": f"alt {i}", "caption_llava": f"llava {i}", "caption_llava_short": f"s{i}"}
+            for i in range(4)]
+    rows[3]["url"] = f"{b}/slow/3.jpg?s=1.5"  # the last shard finishes late
+    urls = tmp_path / "llava.jsonl"
+    urls.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, out = "s3://test-bucket/cc12m", "s3://test-bucket/cc12m-llava"
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    snapshots, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            snapshots.append({o["Key"] for o in s3.list_objects_v2(Bucket="test-bucket", Prefix="cc12m/").get("Contents", [])})
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc = run_cli("fetch", "--urls", urls, "--out", data, "--shard-size", "2", "--allow-hosts", "127.0.0.1",
+                       "timeout=5", "max_in_flight=1", env={"RAY_ADDRESS": ""}, timeout=300)
+    finally:
+        stop.set()
+        watcher.join()
+    assert f"manifest: {data}/manifest.json" in proc.stdout
+    shards = {"cc12m/shard-00000.parquet", "cc12m/shard-00001.parquet"}
+    assert any(snap & shards and "cc12m/manifest.json" not in snap for snap in snapshots)  # seen mid-run
+    assert all(shards <= snap for snap in snapshots if "cc12m/manifest.json" in snap)
+    fetched = _table(data)
+    assert fetched.column_names[:5] == ["key", "url", "alt_text", "caption_llava", "caption_llava_short"]
+    assert fetched.column("caption_llava").to_pylist() == [f"llava {i}" for i in range(4)]
+    assert fetched.column("status").to_pylist() == ["success"] * 4
+
+    proc = run_cli("recaption", "--data", data, "--out", out, "--model", llava, "--t5-tokenizer", t5,
+                   "--max-new-tokens", "4", "--prompt", "describe this image", "batch_size=2",
+                   env={"RAY_ADDRESS": ""}, timeout=300)
+    assert "4/4 rows captioned" in proc.stdout and "images/s" in proc.stdout
+    assert all(_table(out).column("caption").to_pylist())
+
+    assert "rows 4" in run_cli("manifest", "show", out).stdout
+    assert "OK" in run_cli("manifest", "verify", data).stdout
+    assert "OK" in run_cli("manifest", "verify", out).stdout
+    diff = run_cli("manifest", "diff", data, out, check=False)
+    assert diff.returncode == 1 and "kind: fetch -> recaption" in diff.stdout and "stats.recaption.captioned" in diff.stdout
+    for uri in (data, out):  # credentials never reach a manifest
+        assert "testing" not in storage.read_bytes(storage.join(uri, "manifest.json")).decode()
