@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     if args.allow_hosts is not None:
         cfg.allow_hosts = [h.strip() for arg in args.allow_hosts for h in arg.split(",") if h.strip()]
 
+    from pipelines import storage
+
+    if not storage.exists(cfg.urls):  # say so before paying for a Ray start
+        raise FileNotFoundError(f"URL list {cfg.urls} does not exist")
     import ray
 
     if not ray.is_initialized():

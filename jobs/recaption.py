@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
 
+    from pipelines import manifest
+
+    manifest.read(cfg.data)  # an incomplete or missing dataset is refused before Ray starts
     import ray
 
     if not ray.is_initialized():

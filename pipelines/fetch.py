@@ -97,8 +97,9 @@ class FetchConfig:
     allow_hosts: list[str] = field(default_factory=list)  # names or CIDRs exempt from the address policy
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
     threads: int = 32                    # concurrent downloads inside one shard task
-    retries: int = 0                     # extra attempts per URL for retryable failures (backoff between)
-    backoff: float = 1.0                 # seconds before the first extra attempt; doubles each time
+    retries: int = 0                     # extra attempts per URL for retryable failures in a normal pass
+    retry_attempts: int = 3              # attempts per URL in a --retry-failed pass
+    backoff: float = 1.0                 # seconds before a URL's second attempt; doubles after each
     num_cpus: float = 1.0                # Ray resources per shard task
     max_shard_attempts: int = 3          # a shard task that crashes is resubmitted up to this many times
     max_in_flight: int = 0               # shard tasks submitted at once; 0 = 2x the cluster's CPUs
@@ -367,7 +368,7 @@ def fetch_shard(config: FetchConfig, shard: Shard, rows: pa.Table, url_col: str,
     oom_sample = math.ceil(math.log10(config.shard_size)) if config.shard_size > 1 else 1
     keys = [compute_key(i, shard.index, oom_sample, shard.width) for i in range(rows.num_rows)]
     urls = rows.column(url_col).to_pylist()
-    tail, downloaded = ShardFetcher(config)(urls)
+    tail, downloaded = ShardFetcher(config)(urls, attempts=1 + max(0, config.retries))
     alt = rows.column(alt_col).cast(pa.string()) if alt_col else pa.nulls(rows.num_rows, pa.string())
     carried = [rows.column(c) for c in carry]
     schema = shard_schema([rows.schema.field(c) for c in carry])
@@ -385,7 +386,7 @@ def retry_shard(config: FetchConfig, shard: Shard, fingerprint: str) -> dict[str
     classes = table.column("status_class").to_pylist()
     todo = [i for i, c in enumerate(classes) if c in RETRYABLE]
     urls = table.column("url").to_pylist()
-    tail, downloaded = ShardFetcher(config)([urls[i] for i in todo], attempts=1 + max(0, config.retries))
+    tail, downloaded = ShardFetcher(config)([urls[i] for i in todo], attempts=max(1, config.retry_attempts))
     columns = {f.name: table.column(f.name).to_pylist() for f in TAIL_FIELDS}
     for j, i in enumerate(todo):
         for name in columns:
@@ -451,7 +452,7 @@ class FetchResult:
     manifest_uri: str = ""
 
 
-def _ray_tasks(config: FetchConfig, jobs: list[tuple[Shard, tuple]], fn, progress) -> tuple[list[dict], list[str]]:
+def run_shard_tasks(config: FetchConfig, jobs: list[tuple[Shard, tuple]], fn, progress) -> tuple[list[dict], list[str]]:
     """Run `fn(*args)` per shard as Ray tasks; resubmit crashed ones up to max_shard_attempts."""
     import ray
 
@@ -522,11 +523,11 @@ def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
         new, failed = [], []
         fetch_jobs, retry_jobs = jobs[:len(todo)], jobs[len(todo):]
         if fetch_jobs:
-            got, bad = _ray_tasks(config, fetch_jobs, fetch_shard, progress)
+            got, bad = run_shard_tasks(config, fetch_jobs, fetch_shard, progress)
             new += got
             failed += bad
         if retry_jobs:
-            got, bad = _ray_tasks(config, retry_jobs, retry_shard, progress)
+            got, bad = run_shard_tasks(config, retry_jobs, retry_shard, progress)
             new += got
             failed += bad
     for marker in new:

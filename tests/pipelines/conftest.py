@@ -64,6 +64,7 @@ class ImageServer:
     /bomb.png               PNG claiming 30000x30000   /big, /big-declared  bodies over the byte cap
     /noai.jpg               image with X-Robots-Tag: noai
     /flaky/N.jpg            503 until `heal()` is called, then the image
+    /countdown/N.jpg?fail=K 503 for the first K requests of that path, then the image
     """
 
     def __init__(self, canary_base: str, big_bytes: int = 300_000):
@@ -136,6 +137,10 @@ class ImageServer:
                     return None
                 if path == "/noai.jpg":
                     return self._send(200, make_image(3), headers={"X-Robots-Tag": "noai, noimageai"})
+                if path.startswith("/countdown/"):
+                    if owner.hits[path] <= int(query.get("fail", ["1"])[0]):
+                        return self._send(503, b"busy", "text/plain", {"Retry-After": "0"})
+                    return self._send(200, make_image(int(stem)))
                 if path.startswith("/flaky/"):
                     if not owner.healed:
                         return self._send(503, b"busy", "text/plain")

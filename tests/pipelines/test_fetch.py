@@ -209,18 +209,23 @@ def test_retry_failed_by_status_class(ray_session, canary, tmp_path):
     server = ImageServer(canary.base)  # its own server: "healing" the flaky endpoint is global
     try:
         b = server.base
-        lines = [f"{b}/img/{i}.jpg" for i in range(4)] + [f"{b}/flaky/20.jpg", f"{b}/status/404", f"{b}/flaky/21.jpg", f"{b}/status/410"]
+        lines = [f"{b}/img/{i}.jpg" for i in range(4)]
+        lines += [f"{b}/flaky/20.jpg", f"{b}/status/404", f"{b}/countdown/21.jpg?fail=3", f"{b}/status/410"]
         urls = tmp_path / "urls.tsv"
         urls.write_text("".join(f"{u}\tc\n" for u in lines))
         out = str(tmp_path / "ds")
-        cfg = fetch.FetchConfig(urls=str(urls), out=out, shard_size=4, allow_hosts=["127.0.0.1"], backoff=0.05)
+        cfg = fetch.FetchConfig(urls=str(urls), out=out, shard_size=4, allow_hosts=["127.0.0.1"], backoff=0.2,
+                                retry_attempts=3)
         fetch.run(cfg)
         first = manifest.read(out)
         assert first.stats["fetch"]["status_class"] == {"http_404": 1, "http_410": 1, "http_5xx": 2, "ok": 4}
 
         server.heal()
         hits_404 = server.hits["/status/404"]
+        t0 = time.monotonic()
         result = fetch.run(cfg, retry_failed=True)
+        # The countdown URL failed once in the first pass, then twice more with backoff 0.2s and 0.4s.
+        assert server.hits["/countdown/21.jpg"] == 4 and time.monotonic() - t0 >= 0.6
         second = manifest.read(out)
         assert result.shards_run == 1 and result.images_this_run == 2
         assert second.stats["fetch"]["status_class"] == {"http_404": 1, "http_410": 1, "ok": 6}
@@ -232,6 +237,36 @@ def test_retry_failed_by_status_class(ray_session, canary, tmp_path):
         assert table.column("status").to_pylist()[4:] == ["success", "failed", "success", "failed"]
     finally:
         server.close()
+
+
+# --- shard tasks: retried under our control when a worker dies or a task raises ------------------
+
+
+def _crash_once(flag: str, name: str) -> dict:
+    if not os.path.exists(flag):
+        open(flag, "w").close()
+        os._exit(1)  # the worker process dies mid-task, as in an out-of-memory kill
+    return {"shard": name, "fetched_ok": 0}
+
+
+def _always_fails(name: str) -> dict:
+    raise OSError(f"disk full writing {name}")
+
+
+def test_shard_tasks_are_resubmitted(ray_session, tmp_path):
+    from ray import cloudpickle
+    from tqdm import tqdm
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # pytest imports this file as a top-level module
+
+    cfg = fetch.FetchConfig(max_shard_attempts=2, num_cpus=0.5)
+    shards = fetch.plan_shards(2, 1)
+    with tqdm(disable=True) as bar:
+        done, failed = fetch.run_shard_tasks(cfg, [(s, (str(tmp_path / s.name), s.name)) for s in shards], _crash_once, bar)
+    assert failed == [] and sorted(m["shard"] for m in done) == ["shard-00000.parquet", "shard-00001.parquet"]
+    with tqdm(disable=True) as bar:
+        done, failed = fetch.run_shard_tasks(cfg, [(shards[0], (shards[0].name,))], _always_fails, bar)
+    assert done == [] and len(failed) == 1 and "disk full writing shard-00000.parquet" in failed[0]
 
 
 # --- kill -9 mid-run, then resume: same shards as an uninterrupted run --------------------------
