@@ -106,10 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     import ray
 
+    from jobs.ray_init import init_ray
+
     try:
         port, served_bytes = ports.get(timeout=300)
         base = f"http://127.0.0.1:{port}"
-        ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # Ray's own sockets stay on loopback too (it would swap 127.0.0.1 for the outward address).
+        os.environ.setdefault("MINIT2I_RAY_NODE_IP", "127.0.0.3")
+        init_ray(num_cpus=cpus, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

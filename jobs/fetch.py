@@ -3,14 +3,13 @@
     minit2i fetch --urls cc12m.tsv --out s3://bucket/cc12m [--config fetch.yaml] [key=value ...]
     minit2i fetch --urls cc12m.tsv --out s3://bucket/cc12m --retry-failed
 
-Re-running the same command resumes: committed shards are skipped. Ray: connects to RAY_ADDRESS
-when set, otherwise starts a local instance.
+Re-running the same command resumes: committed shards are skipped. Ray: joins the cluster in
+RAY_ADDRESS when set, otherwise starts a local instance (jobs/ray_init.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from jobs import config as config_lib
@@ -42,11 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not storage.exists(cfg.urls):  # say so before paying for a Ray start
         raise FileNotFoundError(f"URL list {cfg.urls} does not exist")
-    import ray
+    from jobs.ray_init import init_ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 configure_logging=False, log_to_driver=True)
+    init_ray()  # RAY_ADDRESS's cluster, else a local instance
     try:
         result = fetch.run(cfg, retry_failed=args.retry_failed)
     except RuntimeError as err:  # shards that kept failing: committed ones are kept, resume later

@@ -10,7 +10,6 @@ Re-running the same command resumes: committed shards are skipped (see pipelines
 from __future__ import annotations
 
 import argparse
-import os
 
 from jobs import config as config_lib
 
@@ -39,11 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from pipelines import manifest
 
     manifest.read(cfg.data)  # an incomplete or missing dataset is refused before Ray starts
-    import ray
+    from jobs.ray_init import init_ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 configure_logging=False, log_to_driver=True)
+    init_ray()  # RAY_ADDRESS's cluster, else a local instance
     result = recaption.run(cfg)
     print(recaption.summary(result), end="")
     print(f"manifest: {result.manifest_uri}")

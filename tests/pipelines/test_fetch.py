@@ -181,6 +181,21 @@ def test_fetch_hostile_server(ray_session, image_server, canary, tmp_path):
     assert storage.read_bytes(storage.join(out, "manifest.json")) == before
 
 
+def test_fetch_synthetic_world(ray_session, tmp_path):
+    """The embedded default's world list (CC12M layout) served on loopback fetches in full."""
+    from pipelines.world import URLS_NAME, WorldConfig, WorldServer, write_world
+
+    with WorldServer(WorldConfig(seed=0), n=5) as server:
+        write_world(str(tmp_path / "world"), WorldConfig(seed=0), 5, server.base_url)
+        cfg = fetch.FetchConfig(urls=str(tmp_path / "world" / URLS_NAME), out=str(tmp_path / "ds"), shard_size=3,
+                                allow_hosts=["127.0.0.1"])
+        fetch.run(cfg)
+    table = _read_dataset(cfg.out)
+    captions = [line.split("\t")[1] for line in (tmp_path / "world" / URLS_NAME).read_text().splitlines()]
+    assert table.column("status").to_pylist() == ["success"] * 5
+    assert table.column("alt_text").to_pylist() == captions
+
+
 def test_pixel_limit_below_pil_guard(ray_session, image_server, tmp_path):
     """Our own header check, not PIL's bomb guard, refuses an image over max_pixels."""
     urls = tmp_path / "urls.tsv"
