@@ -36,8 +36,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """The one local Ray instance the test session shares (started on first use)."""
+def ray_session(s3_server):
+    """The one local Ray instance the test session shares (started on first use).
+
+    It starts after the loopback S3 server so every Ray worker inherits its AWS_* endpoint."""
     import ray
 
     if not ray.is_initialized():
