@@ -14,6 +14,7 @@ import sys
 
 # name -> (module, one-line help). Kept in the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("jobs.demo", "the embedded default end to end: world -> fetch -> curate -> train -> sample -> eval -> tune"),
     "model-info": ("jobs.model_info", "parameter count and analytic FLOPs of a model preset"),
     "sample": ("jobs.sample", "sample a PNG grid from a checkpoint (or a fresh debug model)"),
     "world": ("pipelines.world", "write (and serve on 127.0.0.1) a synthetic world of captioned shape scenes"),

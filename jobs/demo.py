@@ -1,0 +1,250 @@
+"""`minit2i demo`: the whole platform end to end on a laptop, offline, in minutes.
+
+local Ray -> synthetic world served on 127.0.0.1 -> fetch (the real downloader) -> curate ->
+(recaption, when a captioner is configured) -> train the `debug` MM-JiT with Ray Train + DeepSpeed
+on CPU workers -> batch sampling (Ray Data) -> evaluation (exact world checks) -> a small
+`tune sampling` sweep -> a summary with every path and the prompt-following score.
+
+Each stage is the same code the real commands run; the demo only wires them with small configs
+(`jobs/configs/demo.yaml`). With RAY_ADDRESS set, the same stages run on that cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs import config as config_lib
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+@dataclass
+class WorldSection:
+    n: int = 1600                  # scenes served and fetched
+    size: int = 32                 # image side in pixels (the debug model's resolution)
+    seed: int = 0
+    relation_fraction: float = 0.2  # share of two-object "left of / above" scenes
+
+
+@dataclass
+class DemoConfig:
+    out: str = "outputs/demo"                                  # everything the demo writes
+    num_cpus: int = 4                                          # logical CPUs of the local Ray instance
+    world: WorldSection = field(default_factory=WorldSection)
+    fetch: dict[str, Any] = field(default_factory=dict)        # FetchConfig overrides
+    curate: dict[str, Any] = field(default_factory=dict)       # CurateConfig overrides
+    recaption: dict[str, Any] = field(default_factory=dict)    # RecaptionConfig overrides; needs `model`
+    train_config: str = "jobs/configs/debug.yaml"              # the training run, relative to the repo
+    train: dict[str, Any] = field(default_factory=dict)        # TrainConfig overrides
+    eval_prompts: int = 64                                     # world prompts sampled and checked
+    generate: dict[str, Any] = field(default_factory=dict)     # GenerateConfig overrides
+    tune: dict[str, Any] = field(default_factory=dict)         # SamplingTuneConfig overrides
+
+
+def _overrides(base: Any, values: dict[str, Any], where: str) -> Any:
+    """Apply a nested dict of overrides onto a config dataclass (unknown keys are an error)."""
+    merged = config_lib.to_dict(base)
+    for key, value in values.items():
+        merged = config_lib.apply_overrides(merged, [f"{key}={json.dumps(value)}"])
+    return config_lib.from_dict(type(base), merged, where)
+
+
+class Stages:
+    """Times each stage and prints a banner, so a newcomer sees where the minutes go."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        stages = self
+
+        class _Stage:
+            def __enter__(self):
+                print(f"\n=== {name} ===", flush=True)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                stages.times[name] = time.perf_counter() - self.start
+                if exc[0] is None:
+                    print(f"--- {name}: {stages.times[name]:.1f}s", flush=True)
+
+        return _Stage()
+
+
+def write_eval_prompts(path: Path, n: int, size: int, seed: int) -> Path:
+    """Held-out world captions (another world seed) for sampling and checking, one per line."""
+    from pipelines.world import WorldConfig, make_scene
+
+    config = WorldConfig(size=size, seed=seed + 1_000, relation_fraction=0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(make_scene(i, config).caption + "\n" for i in range(n)))
+    return path
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    from jobs.ray_init import init_ray
+
+    out = Path(cfg.out).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"demo output {out} is not empty: remove it or pass out=<another folder>")
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Stages()
+    summary: dict[str, Any] = {"out": str(out)}
+
+    with stage("ray"):
+        ray = init_ray(num_cpus=cfg.num_cpus)
+        print(f"Ray {ray.__version__}: {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
+
+    from pipelines import fetch as fetch_lib
+    from pipelines.world import WorldConfig, WorldServer, write_world
+
+    world_cfg = WorldConfig(seed=cfg.world.seed, size=cfg.world.size, relation_fraction=cfg.world.relation_fraction)
+    with WorldServer(world_cfg, cfg.world.n) as server:
+        with stage("world"):
+            world_dir = write_world(str(out / "world"), world_cfg, cfg.world.n, server.base_url)
+            print(f"{cfg.world.n} scenes at {cfg.world.size}px served from {server.base_url}")
+        with stage("fetch"):
+            fetch_cfg = _overrides(fetch_lib.FetchConfig(
+                urls=str(out / "world" / "world.tsv"), out=str(out / "data" / "raw"), allow_hosts=["127.0.0.1"],
+                image_size=cfg.world.size, resize_mode="no", encode_format="png", shard_size=400,
+            ), cfg.fetch, "demo fetch")
+            fetched = fetch_lib.run(fetch_cfg)
+            print(fetch_lib.stats_table(fetched), end="")
+            summary["fetch_manifest"] = fetched.manifest_uri
+
+    with stage("curate"):
+        from pipelines.curate import CurateConfig, curate, read_units
+
+        curate_cfg = config_lib.from_dict(CurateConfig, {
+            "output": str(out / "data" / "curated"),
+            # The fetched world is read by the DALL-E 3 parquet reader, which also reads `minit2i fetch` output.
+            "sources": {"dalle3": {"paths": [str(out / "data" / "raw")], "weight": 1.0}},
+            "filters": {"tokenizer": "tiny-t5", "min_side": cfg.world.size, "max_caption_tokens": 256},
+            "dedup": {"near_threshold": 0},   # simple scenes share pHashes; keep only exact-pixel dedup tight
+            "shard_rows": 500,
+        }, "demo curate")
+        curate_cfg = _overrides(curate_cfg, cfg.curate, "demo curate")
+        curated = curate(curate_cfg, read_units(curate_cfg))
+        summary["curate_manifest"] = str(out / "data" / "curated" / "manifest.json")
+        data_dir = str(out / "data" / "curated")
+
+    if cfg.recaption.get("model"):
+        with stage("recaption"):
+            from pipelines import recaption as recaption_lib
+
+            rc = _overrides(recaption_lib.RecaptionConfig(data=data_dir, out=str(out / "data" / "recaptioned"),
+                                                          t5_tokenizer="tiny-t5"), cfg.recaption, "demo recaption")
+            result = recaption_lib.run(rc)
+            print(recaption_lib.summary(result))
+            data_dir = rc.out
+    else:
+        print("\n=== recaption: skipped === no captioner configured (recaption.model=<VLM folder> runs it); "
+              "the world's captions are exact, so training uses them as they are")
+
+    with stage("train"):
+        from jobs.train import TrainConfig
+        from jobs.train import main as train_main
+
+        train_cfg = config_lib.load(TrainConfig, _repo_path(cfg.train_config), [])
+        train_cfg = _overrides(train_cfg, {
+            "name": "demo", "storage_path": str(out / "runs"), "data.datasets": [data_dir],
+            "logging.dir": str(out / "train_logs"), **cfg.train,
+        }, "demo train")
+        result = train_main(train_cfg)
+        weights = weights_of(result)
+        summary["checkpoint"] = weights
+
+    prompts = write_eval_prompts(out / "eval_prompts.txt", cfg.eval_prompts, cfg.world.size, cfg.world.seed)
+    with stage("generate"):
+        from jobs.generate import GenerateConfig, generate_images, load_generated
+        from jobs.sample import save_grid
+
+        gen_cfg = _overrides(GenerateConfig(prompts=str(prompts), out=str(out / "samples"), checkpoint=weights,
+                                            seeds=[0]), {"sampler.steps": 25, "sampler.cfg_scale": 3.0, **cfg.generate},
+                             "demo generate")
+        gen = generate_images(gen_cfg)
+        rows = load_generated(gen_cfg.out)[:32]
+        import numpy as np
+
+        from jobs.generate import decode_png
+
+        grid = save_grid(np.stack([decode_png(r["image"]) for r in rows]), out / "sample_grid.png",
+                         captions=[r["prompt"] for r in rows], ncol=8)
+        summary["sample_grid"] = str(grid)
+        summary["images_per_s"] = gen["images_per_s"]
+
+    with stage("eval"):
+        from jobs.evaluate import EvalConfig, evaluate
+
+        scores = evaluate(EvalConfig(images=gen_cfg.out, out=str(out / "eval")))
+        summary["eval"] = {k: v for k, v in scores.items() if k.startswith("world/") or "artifact" in k}
+
+    with stage("tune"):
+        from jobs.tune import SamplingTuneConfig, run_tune
+
+        tune_cfg = _overrides(SamplingTuneConfig(checkpoint=weights, prompts=str(prompts)), {
+            "subsets": [16, 32], "run.out": str(out / "tune"), "run.name": "sampling", "run.num_samples": 4,
+            "space": {"cfg_scale": {"choice": [1.0, 2.0, 4.0, 6.0]}, "sampler": "euler", "steps": 15},
+            **cfg.tune,
+        }, "demo tune")
+        tuned = run_tune("sampling", tune_cfg)
+        summary["tune"] = {"best": tuned["best"], "dir": str(out / "tune" / "sampling")}
+
+    summary["stage_seconds"] = stage.times
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary, out)
+    return summary
+
+
+def weights_of(result) -> str:
+    """The inference weights folder (safetensors + model.json) of the run's latest checkpoint."""
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return os.path.join(checkpoint.path, "weights")
+
+
+def _repo_path(path: str) -> str:
+    p = Path(path)
+    return str(p if p.is_absolute() or p.exists() else Path(__file__).resolve().parents[1] / p)
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="minit2i demo: summary", show_lines=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    ev = summary.get("eval", {})
+    colour = ev.get("world/colours")
+    if colour is not None:
+        table.add_row("colour prompt following", f"{100 * colour:.1f}% (chance: 12.5%)")
+    for key in ("world/overall", "world/single_object", "world/counting", "artifact_ratio"):
+        if key in ev:
+            table.add_row(key, f"{ev[key]:.3f}")
+    table.add_row("sample grid", summary.get("sample_grid", "-"))
+    table.add_row("checkpoint (EMA safetensors)", summary.get("checkpoint", "-"))
+    tune_dir = Path(summary.get("tune", {}).get("dir", out / "tune"))
+    table.add_row("tune table / plot", f"{tune_dir / 'results.csv'}  {tune_dir / 'plot.png'}")
+    table.add_row("manifests", f"{summary.get('fetch_manifest', '-')}\n{summary.get('curate_manifest', '-')}")
+    for name, sec in summary.get("stage_seconds", {}).items():
+        table.add_row(f"time: {name}", f"{sec:.1f}s")
+    Console().print(table)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default: jobs/configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. out=outputs/demo2 world.n=800")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_lib.load(DemoConfig, args.config, args.overrides)
+    run_demo(cfg)
+    return 0
