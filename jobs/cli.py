@@ -16,6 +16,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("jobs.model_info", "parameter count and analytic FLOPs of a model preset"),
     "sample": ("jobs.sample", "sample a PNG grid from a checkpoint (or a fresh debug model)"),
+    "train": ("jobs.train", "train MM-JiT on Ray Train + DeepSpeed from a run config (resumes by itself)"),
+    "bench": ("jobs.bench", "benchmarks: minit2i bench train|all"),
 }
 
 
