@@ -36,6 +36,7 @@ class ScalingSection:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 3                # worker-group restarts (from the last checkpoint) before giving up
+    placement_strategy: str = "PACK"     # "SPREAD" puts workers on different nodes where possible
 
 
 @dataclass
@@ -185,6 +186,7 @@ class Logger:
 # --------------------------------------------------------------------------------------------
 
 def train_loop(loop_config: dict) -> None:
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
@@ -205,7 +207,7 @@ def train_loop(loop_config: dict) -> None:
     if trace:
         os.makedirs(trace, exist_ok=True)
         with open(os.path.join(trace, f"pid-rank{rank}.txt"), "w") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(json.dumps({"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}))
 
     encoder = None if cfg.data.features_column else FrozenT5(cfg.text_encoder, device)
     text_dim = encoder.dim if encoder else cfg.model.overrides.get("text_dim")
@@ -283,7 +285,8 @@ def train_loop(loop_config: dict) -> None:
         out = step_fn(step, batch["image"], text, mask, positions, batch["valid"])
         skipped += (~batch["valid"]).sum()
         if keys_file:
-            keys_file.write(json.dumps({"step": step, "rank": rank, "keys": batch["key"]}) + "\n")
+            keys_file.write(json.dumps({"step": step, "rank": rank, "world": world, "keys": batch["key"],
+                                        "valid": batch["valid"].tolist(), "loss": out["loss"].item()}) + "\n")
             keys_file.flush()
         done = step + 1
         last = done >= total
@@ -387,7 +390,7 @@ def main(cfg: TrainConfig):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": config_lib.to_dict(cfg), "index": index},
-        scaling_config=ScalingConfig(num_workers=W, use_gpu=cfg.scaling.use_gpu,
+        scaling_config=ScalingConfig(num_workers=W, use_gpu=cfg.scaling.use_gpu, placement_strategy=cfg.scaling.placement_strategy,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(
