@@ -11,6 +11,7 @@ import importlib
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "fetch": ("benchmarks.bench_fetch", "our fetch vs plain img2dataset on a loopback server: images/s and ratio"),
+    "train": ("benchmarks.bench_train", "Ray Train + DeepSpeed step vs plain process; Ray Data ingest vs DataLoader"),
 }
 
 

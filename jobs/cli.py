@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("jobs.evaluate", "score a checkpoint: world checks, artifact ratio, CLIP, FID, GenEval, DPG-Bench"),
     "tune": ("jobs.tune", "Ray Tune over sampling knobs (tune sampling) or the noise schedule (tune schedule)"),
     "manifest": ("jobs.manifest_cli", "show, verify or diff dataset manifests"),
-    "bench": ("jobs.bench", "benchmarks: minit2i bench fetch|..."),
+    "train": ("jobs.train", "train MM-JiT on Ray Train + DeepSpeed from a run config (resumes by itself)"),
+    "bench": ("jobs.bench", "benchmarks: minit2i bench fetch|train|all"),
 }
 
 

@@ -34,6 +34,10 @@ def _dataclass_in(tp: Any) -> type | None:
     return None
 
 
+def _is_float(tp: Any) -> bool:
+    return tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp))
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
     """Build dataclass `cls` from a plain dict, recursing into nested dataclass fields."""
     data = dict(data or {})
@@ -49,6 +53,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
         sub = _dataclass_in(types_[name])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, f"{where}.{name}")
+        elif isinstance(value, str) and _is_float(types_[name]):
+            # YAML 1.1 reads `2e-3` (no dot) as a string; a float field takes it as the number it is.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{where}.{name} must be a number, got {value!r}") from None
         kwargs[name] = value
     return cls(**kwargs)
 

@@ -85,22 +85,31 @@ def drop_captions(mask: torch.Tensor, p: float, generator=None) -> torch.Tensor:
 def training_loss(
     net: Net, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
     cfg: DenoiserConfig, generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None, eps: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The v-loss of x-prediction on a batch of clean images x [B, C, H, W] in [-1, 1].
 
+    The random draws (t [B], eps [B, C, H, W] already scaled by noise_scale, caption keep [B]) are
+    taken from `generator` unless given: a distributed job draws them per sample so that a batch
+    gives the same loss however it is split across workers. `weight` [B] (e.g. 0 for a row whose
+    image failed to decode) scales each sample's loss; the mean is still over B.
     Returns the scalar loss and per-sample tensors (t, loss) for logging.
     """
     B = x.shape[0]
     device = x.device
-    mask = drop_captions(mask.bool(), cfg.caption_dropout, generator)
-    t = sample_t(B, cfg.t_mu, cfg.t_sigma, generator, device)                          # [B]
-    eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) * cfg.noise_scale
-    z = add_noise(x, t, eps)                                                           # [B, C, H, W]
+    mask = drop_captions(mask.bool(), cfg.caption_dropout, generator) if keep is None else mask.bool() & keep[:, None]
+    if t is None:
+        t = sample_t(B, cfg.t_mu, cfg.t_sigma, generator, device)                      # [B]
+    if eps is None:
+        eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) * cfg.noise_scale
+    z = add_noise(x, t.to(x.dtype), eps.to(x.dtype))                                   # [B, C, H, W]
     x_pred = net(z, text, mask)
     v_pred = x_to_v(x_pred.float(), z.float(), t, cfg.a_min)
     v_target = x_to_v(x.float(), z.float(), t, cfg.a_min)
     per_sample = ((v_pred - v_target) ** 2).flatten(1).mean(1)                         # [B]
-    return per_sample.mean(), {"t": t.detach(), "loss": per_sample.detach()}
+    loss = per_sample.mean() if weight is None else (per_sample * weight.float()).sum() / B
+    return loss, {"t": t.detach(), "loss": per_sample.detach()}
 
 
 def timesteps(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:

@@ -1,0 +1,420 @@
+"""`minit2i train --config jobs/configs/<run>.yaml [key=value ...]`: MM-JiT on Ray Train + DeepSpeed.
+
+The driver (`main`) reads the manifests, then builds ScalingConfig, RunConfig and a TorchTrainer;
+`train_loop` runs in every Train worker: one DeepSpeed engine per worker (jobs/train_step.py),
+batches streamed by Ray Data in the recorded order (jobs/train_data.py), the frozen T5 run online.
+
+Checkpoints are world-size-independent folders (weights + EMA as safetensors with model.json, so
+`minit2i sample --checkpoint` reads them; Adam moments; train_state.json) reported to Ray Train,
+which keeps the last `checkpoint.num_to_keep` under storage_path/name. Running the same command
+again (same name and storage_path) continues from the newest one, with any number of workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from jobs import config as config_lib
+from jobs.train_data import DataConfig
+from jobs.train_step import EMAConfig, ModelConfig, OptimConfig
+from model.denoiser import DenoiserConfig
+from model.text_encoder import TextEncoderConfig
+from pipelines import storage
+
+STATE_NAME = "train_state.json"
+MOMENTS_NAME = "optimizer.safetensors"
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2                 # Ray Train workers (one per GPU on a GPU cluster)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3                # worker-group restarts (from the last checkpoint) before giving up
+    placement_strategy: str = "PACK"     # "SPREAD" puts workers on different nodes where possible
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1000                    # steps between checkpoints (and one at the end)
+    num_to_keep: int = 3
+    resume_from: str | None = None       # a checkpoint folder to start from when the run has none yet
+    init_from: str | None = None         # weights folder (model.json + *.safetensors) to initialise the model (finetune)
+    init_weights: str | None = None      # which weights in init_from ("model", "ema_0.9999"); default: best EMA
+
+
+@dataclass
+class LoggingSection:
+    every: int = 10                      # steps between console/TensorBoard lines
+    dir: str | None = None               # TensorBoard and sample grids; default outputs/train/<name>
+    tensorboard: bool = True
+    wandb_project: str | None = None     # logs to W&B too when set (needs wandb installed)
+    mlflow_tracking_uri: str | None = None   # logs to MLflow too when set (needs mlflow installed)
+    sample_every: int = 0                # steps between sample grids (0 = never)
+    sample_steps: int = 20               # sampler steps for those grids
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two blue squares", "a green triangle", "three yellow circles"])
+    trace_dir: str | None = None         # per-worker pid files and consumed sample keys (for tests and audits)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "debug"                  # run name: storage_path/name holds its checkpoints
+    storage_path: str = "outputs/runs"   # local folder or s3://bucket/prefix
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets, SXM parts) for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint folders
+# --------------------------------------------------------------------------------------------
+
+def check_checkpoint(uri: str) -> None:
+    """A resume path must be a checkpoint this job wrote: fail loudly, never start fresh."""
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"checkpoint.resume_from {uri} does not exist")
+    for name in (STATE_NAME, MOMENTS_NAME, "model.safetensors", "model.json"):
+        if not storage.exists(storage.join(uri, name)):
+            raise ValueError(f"checkpoint.resume_from {uri} is not a training checkpoint: it has no {name}")
+    try:
+        json.loads(storage.read_bytes(storage.join(uri, STATE_NAME)))
+    except ValueError as err:
+        raise ValueError(f"checkpoint.resume_from {uri}: {STATE_NAME} is unreadable: {err}") from err
+
+
+def local_copy(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """A local path for a folder on local disk or S3 (downloaded into a temp dir)."""
+    if not storage.is_s3(uri):
+        return uri, None
+    import pyarrow.fs as pafs
+
+    tmp = tempfile.TemporaryDirectory()
+    fs, path = storage.resolve(uri)
+    pafs.copy_files(path, tmp.name, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return tmp.name, tmp
+
+
+def read_checkpoint(path: str) -> dict:
+    """(weights, moments, ema per decay, state) from a checkpoint folder on local disk."""
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads(open(os.path.join(path, STATE_NAME)).read())
+        out = {"state": state, "weights": load_file(os.path.join(path, "model.safetensors")),
+               "moments": load_file(os.path.join(path, MOMENTS_NAME)), "ema": {}}
+        for d in state.get("ema_decays", []):
+            out["ema"][float(d)] = load_file(os.path.join(path, f"ema_{d}.safetensors"))
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"checkpoint {path} is unreadable: {err}") from err
+    return out
+
+
+def write_checkpoint(path: str, weights, moments, emas, state: dict, cfg: TrainConfig, model_cfg) -> None:
+    from safetensors.torch import save_file
+
+    from model.checkpoint import save_weights
+
+    extra = {"step": state["step"]}
+    save_weights(path, weights, model_cfg, cfg.text_encoder, cfg.denoiser, name="model", extra=extra)
+    for d, sd in emas.items():
+        save_weights(path, sd, model_cfg, cfg.text_encoder, cfg.denoiser, name=f"ema_{d}", extra=extra)
+    save_file(moments, os.path.join(path, MOMENTS_NAME))
+    with open(os.path.join(path, STATE_NAME), "w") as f:
+        json.dump(state, f, indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Logging (rank 0)
+# --------------------------------------------------------------------------------------------
+
+class Logger:
+    """Console + TensorBoard (+ W&B / MLflow when configured). Only rank 0 makes one."""
+
+    def __init__(self, cfg: TrainConfig, log_dir: str):
+        self.sinks = []
+        os.makedirs(log_dir, exist_ok=True)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(log_dir)
+            self.sinks.append(lambda m, s: [tb.add_scalar(k, v, s) for k, v in m.items()] and tb.flush())
+        if cfg.logging.wandb_project:
+            import wandb  # optional dependency
+
+            run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, config=config_lib.to_dict(cfg), resume="allow")
+            self.sinks.append(lambda m, s: run.log(m, step=s))
+        if cfg.logging.mlflow_tracking_uri:
+            import mlflow  # optional dependency
+
+            mlflow.set_tracking_uri(cfg.logging.mlflow_tracking_uri)
+            mlflow.start_run(run_name=cfg.name)
+            self.sinks.append(lambda m, s: mlflow.log_metrics(m, step=s))
+
+    def log(self, metrics: dict[str, float], step: int, total: int) -> None:
+        parts = [f"{k} {v:.4g}" for k, v in metrics.items()]
+        print(f"[train] step {step}/{total}  " + "  ".join(parts), flush=True)
+        for sink in self.sinks:
+            sink(metrics, step)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-worker loop
+# --------------------------------------------------------------------------------------------
+
+def train_loop(loop_config: dict) -> None:
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from jobs.train_data import iter_batches
+    from jobs.train_step import ShardedEMA, TrainStep, build_engine, full_state, load_moments
+    from model.text_encoder import FrozenT5
+
+    cfg = config_lib.from_dict(TrainConfig, loop_config["cfg"])
+    index = loop_config["index"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    G = cfg.data.batch_size
+    b = G // world
+    trace = cfg.logging.trace_dir
+    if trace:
+        os.makedirs(trace, exist_ok=True)
+        with open(os.path.join(trace, f"pid-rank{rank}.txt"), "w") as f:
+            f.write(json.dumps({"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}))
+
+    encoder = None if cfg.data.features_column else FrozenT5(cfg.text_encoder, device)
+    text_dim = encoder.dim if encoder else cfg.model.overrides.get("text_dim")
+    if text_dim is None:
+        raise ValueError("data.features_column is set: give the cached features' width as model.overrides.text_dim")
+    model_cfg = cfg.model.build(text_dim, cfg.text_encoder.prompt_length)
+
+    # Where to start: the run's newest checkpoint (Ray Train restores it, also after a worker
+    # failure), else checkpoint.resume_from (passed as the trainer's resume checkpoint), else fresh.
+    start_step, resumed, weights = 0, None, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resumed = read_checkpoint(d)
+        st = resumed["state"]
+        if st["global_batch"] != G:
+            raise ValueError(f"checkpoint was trained with global batch {st['global_batch']}, config says {G}: the data position would not line up")
+        if st["data_fingerprint"] != index.fingerprint:
+            raise ValueError("checkpoint was trained on different data (manifest fingerprint differs); use a new run name to start over")
+        start_step, weights = st["step"], resumed["weights"]
+        if rank == 0:
+            print(f"[train] resuming at step {start_step} (sample {start_step * G}) from {ckpt.path}, "
+                  f"saved by {st['world_size']} workers, now {world}", flush=True)
+    elif cfg.checkpoint.init_from:
+        from model.checkpoint import load_weights
+
+        path, tmp = local_copy(cfg.checkpoint.init_from)
+        net, _ = load_weights(path, cfg.checkpoint.init_weights)
+        if net.config != model_cfg:
+            raise ValueError(f"checkpoint.init_from {cfg.checkpoint.init_from} holds a different model config: {net.config}")
+        weights = net.state_dict()
+        del net
+        if tmp:
+            tmp.cleanup()
+
+    engine, precision = build_engine(model_cfg, cfg.optim, b, device, weights)
+    if resumed is not None:
+        load_moments(engine, resumed["moments"], start_step)
+    ema = ShardedEMA(engine, cfg.ema.decays, init=resumed["ema"] if resumed else None)
+    step_fn = TrainStep(engine, precision, cfg.denoiser, cfg.optim, ema, cfg.data.seed)
+    del resumed, weights
+
+    log_dir = cfg.logging.dir
+    logger = Logger(cfg, log_dir) if rank == 0 else None
+    from model.mmjit import forward_flops
+
+    train_flops = 3 * forward_flops(model_cfg)["total"]            # forward + backward per image
+    peak = peak_flops(device)
+    skipped = torch.zeros((), dtype=torch.float64)
+    t_last, step_last = time.perf_counter(), start_step
+    keys_file = open(os.path.join(trace, f"keys-rank{rank}.jsonl"), "a") if trace else None
+
+    def save(step: int, metrics: dict) -> None:
+        weights_, moments_ = full_state(engine)                    # collectives: every rank takes part
+        emas_ = ema.full()
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            state = {"step": step, "samples": step * G, "epoch": step // (index.num_rows // G), "global_batch": G,
+                     "world_size": world, "data_fingerprint": index.fingerprint, "seed": cfg.data.seed,
+                     "ema_decays": [str(d) for d in emas_], "skipped": int(metrics.get("skipped", 0))}
+            write_checkpoint(tmp, weights_, moments_, {str(d): sd for d, sd in emas_.items()}, state, cfg, model_cfg)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    total = cfg.optim.steps
+    step = start_step
+    batches = iter_batches(index, cfg.data, model_cfg.image_size, start_step, total, rank, world)
+    for step, batch in batches:
+        if encoder is not None:
+            text, mask = encoder(batch["caption"])
+        else:
+            text, mask = batch["features"].view(b, model_cfg.text_length, -1), batch["text_mask"]
+        positions = [step * G + rank * b + i for i in range(b)]
+        out = step_fn(step, batch["image"], text, mask, positions, batch["valid"])
+        skipped += (~batch["valid"]).sum()
+        if keys_file:
+            keys_file.write(json.dumps({"step": step, "rank": rank, "world": world, "keys": batch["key"],
+                                        "valid": batch["valid"].tolist(), "loss": out["loss"].item()}) + "\n")
+            keys_file.flush()
+        done = step + 1
+        last = done >= total
+        is_log = done % cfg.logging.every == 0 or last
+        is_ckpt = done % cfg.checkpoint.every == 0 or last
+        metrics = {}
+        if is_log or is_ckpt:
+            stats = torch.stack([out["loss"].double().cpu(), skipped]).to(device)
+            dist.all_reduce(stats)
+            now = time.perf_counter()
+            img_s = (done - step_last) * G / (now - t_last)
+            metrics = {"loss": stats[0].item() / world, "lr": out["lr"], "grad_norm": step_fn.grad_norm(),
+                       "img_per_s": img_s, "skipped": stats[1].item()}
+            if peak:
+                metrics["mfu"] = train_flops * img_s / (peak * world)
+            t_last, step_last = now, done
+            if logger and is_log:
+                logger.log(metrics, done, total)
+        if cfg.logging.sample_every and encoder is not None and (done % cfg.logging.sample_every == 0 or last):
+            sample_grid(cfg, engine, ema, encoder, model_cfg, done, rank, log_dir)
+        if is_ckpt:
+            save(done, metrics)
+        elif is_log:
+            ray.train.report(metrics)
+        if last:
+            break
+    if keys_file:
+        keys_file.close()
+
+
+def sample_grid(cfg: TrainConfig, engine, ema, encoder, model_cfg, step: int, rank: int, log_dir: str) -> None:
+    """A PNG grid from the highest-decay EMA (consolidated: a collective), written by rank 0."""
+    import torch
+
+    from jobs.sample import generate, save_grid
+    from model.denoiser import SamplerConfig
+    from model.mmjit import MMJiT
+
+    emas = ema.full()
+    if rank != 0:
+        return
+    decay = max(emas)
+    net = MMJiT(model_cfg)
+    net.load_state_dict(emas[decay])
+    net.to(encoder.device).eval()
+    prompts = cfg.logging.sample_prompts
+    sampler = SamplerConfig(sampler="euler", steps=cfg.logging.sample_steps, noise_scale=cfg.denoiser.noise_scale)
+    with torch.no_grad():
+        images = generate(net, encoder, prompts, sampler, seed=0)
+    path = save_grid(images, os.path.join(log_dir, f"samples-{step:07d}.png"), captions=prompts)
+    print(f"[train] step {step}: sample grid {path} (ema {decay})", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+def main(cfg: TrainConfig):
+    """Validate the config and data, then run the TorchTrainer; returns Ray Train's Result."""
+    import ray
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.train_data import build_index, steps_per_epoch
+
+    W, G = cfg.scaling.num_workers, cfg.data.batch_size
+    if W < 1 or G % W:
+        raise ValueError(f"data.batch_size {G} must be a positive multiple of scaling.num_workers {W}")
+    if cfg.optim.steps < 1 or cfg.checkpoint.every < 1 or cfg.logging.every < 1:
+        raise ValueError("optim.steps, checkpoint.every and logging.every must be >= 1")
+    index = build_index(cfg.data)
+    spe = steps_per_epoch(index, G)
+    resume = None
+    if cfg.checkpoint.resume_from:
+        check_checkpoint(cfg.checkpoint.resume_from)
+        fs, path = storage.resolve(cfg.checkpoint.resume_from)
+        resume = Checkpoint(path, filesystem=fs)
+    if cfg.checkpoint.init_from and not storage.exists(storage.join(cfg.checkpoint.init_from, "model.json")):
+        raise FileNotFoundError(f"checkpoint.init_from {cfg.checkpoint.init_from} is not a weights folder (no model.json)")
+    if cfg.logging.dir is None:
+        cfg.logging.dir = os.path.join("outputs", "train", cfg.name)
+    cfg.logging.dir = os.path.abspath(cfg.logging.dir)
+    if cfg.logging.trace_dir:
+        cfg.logging.trace_dir = os.path.abspath(cfg.logging.trace_dir)
+
+    if storage.is_s3(cfg.storage_path):
+        storage_path, storage_fs = cfg.storage_path[len("s3://"):], storage.s3_filesystem()
+    else:
+        storage_path, storage_fs = os.path.abspath(cfg.storage_path), None
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "MINIT2I_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                      "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_REGION", "AWS_DEFAULT_REGION") if k in os.environ}
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    print(f"[train] {cfg.name}: {index.num_rows} usable rows in {len(index.shards)} shards, "
+          f"{spe} steps/epoch at global batch {G}, {W} workers, ZeRO-{cfg.optim.zero_stage}, "
+          f"{cfg.optim.steps} steps -> {storage.join(cfg.storage_path, cfg.name)}", flush=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": config_lib.to_dict(cfg), "index": index},
+        scaling_config=ScalingConfig(num_workers=W, use_gpu=cfg.scaling.use_gpu, placement_strategy=cfg.scaling.placement_strategy,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            worker_runtime_env={"env_vars": env},
+        ),
+        resume_from_checkpoint=resume,
+    )
+    return trainer.fit()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config YAML (jobs/configs/<run>.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 scaling.num_workers=4")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_lib.load(TrainConfig, args.config, args.overrides)
+    result = main(cfg)
+    if result.error is not None:
+        print(f"minit2i train: failed: {result.error}", flush=True)
+        return 1
+    ckpt = result.checkpoint
+    print(f"[train] done: {result.metrics}\n[train] latest checkpoint: {ckpt.path if ckpt else None}", flush=True)
+    return 0

@@ -1,0 +1,310 @@
+"""The training step, without Ray: DeepSpeed engine from our config, forward/backward/step, EMA.
+
+Runs in any process that has a torch.distributed group (or none: a single process makes its own),
+so it can be profiled on a bare GPU box (`minit2i bench train`, benchmarks/gpu_train_step.py).
+Ray Train's worker loop (jobs/train.py) only feeds it batches and saves what it returns.
+
+World-size-independent state. A checkpoint holds full fp32 tensors, consolidated on rank 0 with
+DeepSpeed's own fragment API (`safe_get_full_fp32_param`, `safe_get_full_optimizer_state`), which
+works for ZeRO 1, 2 and 3 on CPU and GPU: the weights, Adam's two moments per parameter, the EMA
+copies and the step. Loading builds a fresh engine for the new world size, loads the weights into
+the module before `deepspeed.initialize` and writes the moments into the new partitions with
+`safe_set_full_optimizer_state`. DeepSpeed's universal checkpoint would do the same through an
+offline conversion step; this keeps one format that `minit2i sample` can also read.
+
+EMA under ZeRO. Each rank keeps the EMA of exactly the fp32 master slice it owns (its ZeRO-3
+partition, or its ZeRO-1/2 fragment), updated in place after every optimiser step with no
+communication; the update is element-wise, so the slices are exact. Saving gathers the slices into
+full tensors (one all-reduce per parameter, the same way DeepSpeed's fragment API assembles
+weights). Memory per rank is 1/W of a model per decay instead of a whole model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.denoiser import DenoiserConfig, training_loss
+from model.mmjit import MMJiT, MMJiTConfig, preset
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "debug"                                  # a name in model.mmjit.PRESETS
+    overrides: dict = field(default_factory=dict)          # MMJiTConfig fields on top of the preset (e.g. depth: 2)
+
+    def build(self, text_dim: int, text_length: int) -> MMJiTConfig:
+        # text_dim / text_length follow the text encoder unless overridden explicitly.
+        return preset(self.preset, **{"text_dim": text_dim, "text_length": text_length, **self.overrides})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4                     # peak learning rate (MiniT2I: 4e-4 B, 2e-4 L pretrain; 4e-5 finetune)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 5000             # linear warmup from 0, then constant (MiniT2I)
+    steps: int = 250_000                 # total optimiser steps of the run
+    grad_clip: float = 1.0               # global grad-norm clipping
+    zero_stage: int = 2                  # DeepSpeed ZeRO stage: 1, 2 or 3
+    precision: str = "auto"              # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"optim.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"optim.precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+
+@dataclass
+class EMAConfig:
+    decays: list[float] = field(default_factory=lambda: [0.9999])   # one EMA copy per decay (MiniT2I: 0.99995 B, 0.9999 L)
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then constant. A function of the step alone, so
+    a resumed run needs no scheduler state (DeepSpeed's WarmupLR would have to be restored too)."""
+    if cfg.warmup_steps <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+
+
+def resolve_precision(cfg: OptimConfig, device: torch.device) -> str:
+    if cfg.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise ValueError("optim.precision=bf16 needs a GPU; use auto or fp32 on CPU")
+    return cfg.precision
+
+
+def deepspeed_config(cfg: OptimConfig, micro_batch: int, world: int, precision: str) -> dict:
+    return {
+        "train_batch_size": micro_batch * world,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 1 << 30,       # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def apply_activation_checkpointing(net: MMJiT) -> None:
+    """Recompute every block's activations in backward (torch.utils.checkpoint), from the job:
+    the model stays plain. Patching `forward` on the instance keeps the state-dict names."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in [*net.text_blocks, *net.blocks]:
+        inner = block.forward
+        block.forward = lambda *args, _f=inner: checkpoint(_f, *args, use_reentrant=False)
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group when nothing set one up (a plain process, a benchmark)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+# --------------------------------------------------------------------------------------------
+# EMA of the locally owned fp32 slices
+# --------------------------------------------------------------------------------------------
+
+def _local_slice(p: torch.nn.Parameter, stage: int) -> tuple[torch.Tensor, int] | None:
+    """(live view of this rank's fp32 master slice of p, its offset in p.flatten()), or None."""
+    if stage == 3:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        local = safe_get_local_fp32_param(p)
+        return local, dist.get_rank() * local.numel()
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    return mapping.get_hp_fragment(), mapping.lp_fragment_address.start
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
+def _shape(p: torch.nn.Parameter) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def gather_slices(slices: dict[str, tuple[torch.Tensor, int] | None], params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Full tensors from per-rank slices: each rank writes its slice into zeros, then all-reduce."""
+    out = {}
+    for name, p in params.items():
+        n = _numel(p)
+        local = slices.get(name)
+        size = n if local is None else max(n, local[1] + local[0].numel())   # ZeRO-3 pads the last partition
+        device = local[0].device if local is not None else next(iter(s[0] for s in slices.values() if s)).device
+        buf = torch.zeros(size, dtype=torch.float32, device=device)
+        if local is not None:
+            buf.narrow(0, local[1], local[0].numel()).copy_(local[0].flatten())
+        dist.all_reduce(buf)
+        out[name] = buf[:n].view(_shape(p)).cpu()
+    return out
+
+
+class ShardedEMA:
+    """EMA copies (one per decay) of the fp32 master slices this rank owns."""
+
+    def __init__(self, engine, decays: list[float], init: dict[float, dict[str, torch.Tensor]] | None = None):
+        self.stage = engine.zero_optimization_stage()
+        self.params = dict(engine.module.named_parameters())
+        self.decays = [float(d) for d in decays]
+        live = self._live()
+        self.names = [n for n, s in live.items() if s is not None]
+        self.offsets = {n: live[n][1] for n in self.names}
+        self.shadow: dict[float, list[torch.Tensor]] = {}
+        for d in self.decays:
+            if init is not None and d in init:      # resume: cut this rank's slice out of the full tensor
+                self.shadow[d] = [self._cut(init[d][n], *live[n]) for n in self.names]
+            else:
+                self.shadow[d] = [live[n][0].detach().float().clone() for n in self.names]
+
+    @staticmethod
+    def _cut(full: torch.Tensor, local: torch.Tensor, offset: int) -> torch.Tensor:
+        flat = full.flatten().float()
+        end = offset + local.numel()
+        if flat.numel() < end:                      # the last ZeRO-3 partition is padded past the end
+            flat = torch.nn.functional.pad(flat, (0, end - flat.numel()))
+        return flat[offset:end].clone().to(local.device)
+
+    def _live(self):
+        return {n: _local_slice(p, self.stage) for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        live = self._live()
+        current = [live[n][0].float() for n in self.names]
+        for d, shadow in self.shadow.items():
+            torch._foreach_lerp_(shadow, current, 1.0 - d)
+
+    def full(self) -> dict[float, dict[str, torch.Tensor]]:
+        """Consolidated EMA weights per decay (a collective: every rank must call it)."""
+        out = {}
+        for d, shadow in self.shadow.items():
+            slices = {n: (s, self.offsets[n]) for n, s in zip(self.names, shadow)}
+            out[d] = gather_slices(slices, self.params)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Engine, consolidated state, the step
+# --------------------------------------------------------------------------------------------
+
+OPT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def build_engine(model_cfg: MMJiTConfig, optim: OptimConfig, micro_batch: int, device: torch.device,
+                 weights: dict[str, torch.Tensor] | None = None):
+    """(DeepSpeed engine, precision). Weights, if given, are loaded before ZeRO partitions them."""
+    import deepspeed
+
+    ensure_process_group(device)
+    precision = resolve_precision(optim, device)
+    net = MMJiT(model_cfg)
+    if weights is not None:
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"initial weights do not match the model config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if optim.activation_checkpointing:
+        apply_activation_checkpointing(net)
+    net.to(device)
+    # A torch optimiser: DeepSpeed's FusedAdam needs a GPU build; AdamW with these betas is the recipe.
+    opt = torch.optim.AdamW(net.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    engine, *_ = deepspeed.initialize(model=net, optimizer=opt,
+                                      config=deepspeed_config(optim, micro_batch, dist.get_world_size(), precision))
+    return engine, precision
+
+
+def full_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(fp32 weights, Adam moments) as full CPU tensors by parameter name; a collective."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    weights, moments = {}, {}
+    for name, p in engine.module.named_parameters():
+        weights[name] = safe_get_full_fp32_param(p).cpu()
+        for key in OPT_KEYS:
+            moments[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key).cpu()
+    return weights, moments
+
+
+def load_moments(engine, moments: dict[str, torch.Tensor], step: int) -> None:
+    """Write consolidated Adam moments into this engine's partitions (any world size)."""
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_set_full_optimizer_state
+
+    zero = engine.optimizer
+    inner = zero.optimizer                                    # the torch AdamW over flat fp32 partitions
+    # torch's AdamW creates its state lazily on the first step; create it now so it can be filled.
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            inner.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
+    if engine.zero_optimization_stage() < 3:
+        # ZeRO-1/2 link each parameter's fragment to the state tensors after the first step; do it now.
+        for i, _ in enumerate(inner.param_groups):
+            lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], zero.single_partition_of_fp32_groups[i], inner.state)
+    for name, p in engine.module.named_parameters():
+        for key in OPT_KEYS:
+            value = moments.get(f"{key}/{name}")
+            if value is None:
+                raise ValueError(f"optimizer state has no {key} for parameter {name}")
+            safe_set_full_optimizer_state(p, value.to(torch.float32), key)
+
+
+def sample_draws(positions: list[int], seed: int, image_shape: tuple[int, ...], cfg: DenoiserConfig,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep [b], t [b], eps [b, C, H, W]): each sample's noise from its own generator, seeded by
+    its global position in the run's sample stream, so a batch's loss does not depend on how it
+    is split over workers and a resumed step draws exactly what the interrupted one drew."""
+    keep, t, eps = [], [], []
+    for pos in positions:
+        g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, pos]).generate_state(1, np.uint64)[0]))
+        keep.append(torch.rand((), generator=g, device=device) >= cfg.caption_dropout)
+        t.append(torch.sigmoid(cfg.t_mu + cfg.t_sigma * torch.randn((), generator=g, device=device)))
+        eps.append(torch.randn(image_shape, generator=g, device=device) * cfg.noise_scale)
+    return torch.stack(keep), torch.stack(t), torch.stack(eps)
+
+
+class TrainStep:
+    """One optimiser step of MM-JiT under DeepSpeed, plus the EMA update."""
+
+    def __init__(self, engine, precision: str, denoiser: DenoiserConfig, optim: OptimConfig, ema: ShardedEMA | None, seed: int):
+        self.engine, self.denoiser, self.optim, self.ema, self.seed = engine, denoiser, optim, ema, seed
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.device = engine.device
+
+    def __call__(self, step: int, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+                 positions: list[int], valid: torch.Tensor | None = None) -> dict[str, float]:
+        """x [b, 3, H, W] in [-1, 1], text [b, L, C_txt], mask [b, L]; positions: global sample ids."""
+        lr = lr_at(step, self.optim)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        text = text.to(self.device, self.dtype, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
+        keep, t, eps = sample_draws(positions, self.seed, tuple(x.shape[1:]), self.denoiser, self.device)
+        weight = None if valid is None else valid.to(self.device)
+        loss, _ = training_loss(self.engine, x, text, mask, self.denoiser, t=t, eps=eps, keep=keep, weight=weight)
+        self.engine.backward(loss)
+        self.engine.step()
+        if self.ema is not None:
+            self.ema.update()
+        return {"loss": loss.detach(), "lr": lr}
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")

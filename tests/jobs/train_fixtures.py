@@ -1,0 +1,76 @@
+"""A small generated training dataset in the data contract: coloured squares, exact captions.
+
+Fetch-style Parquet shards (key, url, alt_text, caption, image, sizes, sha256, status, ...) with
+small row groups, plus a manifest written last through pipelines.manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipelines import manifest as manifest_lib
+from pipelines import storage
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
+
+
+def square_png(i: int, size: int) -> tuple[bytes, str]:
+    """A deterministic image of one coloured square on a grey ground, and its caption."""
+    rng = np.random.default_rng(i)
+    name = list(COLOURS)[i % len(COLOURS)]
+    w, h = size + (i % 3) * 4, size                    # a few non-square images to exercise the crop
+    arr = np.full((h, w, 3), 128, dtype=np.uint8)
+    s = size // 2
+    x, y = rng.integers(0, w - s + 1), rng.integers(0, h - s + 1)
+    arr[y:y + s, x:x + s] = COLOURS[name]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    pos = "left" if x + s / 2 < w / 2 else "right"
+    return buf.getvalue(), f"a {name} square on the {pos}"
+
+
+def make_dataset(root: str, n: int = 64, size: int = 32, shards: int = 4, prefix: str = "",
+                 failed: tuple[int, ...] = (), corrupt: tuple[int, ...] = (), empty_shard: bool = False,
+                 row_group_size: int = 8) -> str:
+    """Write `n` rows over `shards` shards (+ an empty one if asked) and the manifest; returns root.
+
+    Rows in `failed` are failed fetches (null image, status "failed"); rows in `corrupt` carry
+    bytes that are not an image but claim success (a bad shard the trainer must survive).
+    """
+    entries = []
+    per = -(-n // shards)
+    schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("alt_text", pa.string()), ("caption", pa.string()),
+                        ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
+                        ("original_width", pa.int32()), ("original_height", pa.int32()), ("sha256", pa.string()),
+                        ("status", pa.string()), ("status_class", pa.string()), ("error", pa.string())])
+    for s in range(shards + int(empty_shard)):
+        rows = []
+        for i in range(s * per, min(n, (s + 1) * per)) if s < shards else []:
+            data, caption = square_png(i, size)
+            status, image, error = "success", data, ""
+            if i in failed:
+                status, image, error = "failed", None, "HTTP 404"
+            elif i in corrupt:
+                image = b"\x89PNG\r\n\x1a\n this is not really a png"
+            w, h = Image.open(io.BytesIO(data)).size
+            rows.append(dict(key=f"{prefix}{i:06d}", url=f"http://127.0.0.1/{i}.png", alt_text=caption, caption=caption,
+                             image=image, width=w, height=h, original_width=w, original_height=h,
+                             sha256=hashlib.sha256(image).hexdigest() if image else "", status=status,
+                             status_class="ok" if status == "success" else "http_4xx", error=error))
+        uri = storage.join(root, f"shard-{s:05d}.parquet")
+        table = pa.Table.from_pylist(rows, schema=schema)
+        fs, path = storage.resolve(uri)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            pq.write_table(table, f, row_group_size=row_group_size)
+        entries.append(manifest_lib.shard_entry(root, uri, len(rows)))
+    man = manifest_lib.Manifest(kind="fetch", config={"generated": "coloured squares", "n": n, "size": size},
+                                shards=entries, stats={"rows": n, "failed": len(failed)})
+    manifest_lib.write(root, man)
+    return root
