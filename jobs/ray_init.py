@@ -1,7 +1,8 @@
 """Connecting a job to Ray: an existing cluster when one is named, else a new local instance.
 
-`address` (or RAY_ADDRESS) joins a running cluster, as `ray job submit` and KubeRay set it. With
-neither, a local instance starts with the CPUs given. MINIT2I_RAY_NODE_IP pins the local instance to
+`address` (or RAY_ADDRESS) joins a running cluster, as `ray job submit` and KubeRay set it
+(RAY_ADDRESS=auto finds a `ray start` cluster on this host). With neither, a new local instance
+starts with the CPUs given, never some other cluster that happens to run on the host. MINIT2I_RAY_NODE_IP pins the local instance to
 one address (the tests keep every Ray socket on 127.0.0.3: Ray swaps 127.0.0.1 for the machine's
 outward address, other loopback addresses it keeps).
 """
@@ -24,5 +25,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     node_ip = os.environ.get("MINIT2I_RAY_NODE_IP")
     if node_ip:
         kwargs["_node_ip_address"] = node_ip
-    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, **kwargs)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False, **kwargs)
     return ray

@@ -377,8 +377,9 @@ def main(cfg: TrainConfig):
     else:
         storage_path, storage_fs = os.path.abspath(cfg.storage_path), None
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    from jobs.ray_init import init_ray
+
+    init_ray()
     env = {k: os.environ[k] for k in ("PYTHONPATH", "MINIT2I_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                                       "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_REGION", "AWS_DEFAULT_REGION") if k in os.environ}
