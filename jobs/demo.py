@@ -112,7 +112,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         with stage("fetch"):
             fetch_cfg = _overrides(fetch_lib.FetchConfig(
                 urls=str(out / "world" / "world.tsv"), out=str(out / "data" / "raw"), allow_hosts=["127.0.0.1"],
-                image_size=cfg.world.size, resize_mode="no", encode_format="png", shard_size=400,
+                image_size=cfg.world.size, resize_mode="no", encode_format="png", encode_quality=1, shard_size=400,
             ), cfg.fetch, "demo fetch")
             fetched = fetch_lib.run(fetch_cfg)
             print(fetch_lib.stats_table(fetched), end="")
@@ -207,7 +207,7 @@ def weights_of(result) -> str:
     checkpoint = result.checkpoint
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return os.path.join(checkpoint.path, "weights")
+    return checkpoint.path  # a training checkpoint is also a weights folder (model.json + safetensors)
 
 
 def _repo_path(path: str) -> str:

@@ -151,14 +151,16 @@ class StreamWeights(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=True)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=True)
         self.mlp = SwiGLU(cfg.width, cfg.mlp_hidden)
-        self.num_heads = cfg.num_heads
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, M, D] -> q, k, v [B, H, M, Dh], q and k RMS-normalised per head (qk-norm)."""
-        B, M, D = x.shape
-        qkv = self.qkv(rms_norm(x)).view(B, M, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # each [B, H, M, Dh]
-        return rms_norm(q), rms_norm(k), v
+
+def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B, S, 3D] -> q, k, v [B, H, S, Dh], q and k RMS-normalised per head (qk-norm).
+
+    The qk-norm has no parameters, so the text and image streams share it: their qkv outputs are
+    joined along the sequence first and normalised, rotated and attended in one pass each."""
+    B, S, D3 = qkv.shape
+    q, k, v = qkv.view(B, S, 3, num_heads, D3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)  # [B, H, S, Dh] each
+    return rms_norm(q), rms_norm(k), v
 
 
 def attention(q, k, v, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -174,11 +176,12 @@ class TextAdapterBlock(nn.Module):
     def __init__(self, cfg: MMJiTConfig):
         super().__init__()
         self.text = StreamWeights(cfg)
+        self.num_heads = cfg.num_heads
 
     def forward(self, txt, cos, sin, key_mask):
-        q, k, v = self.text.qkv_heads(txt)                                # [B, H, L, Dh]
+        q, k, v = split_heads(self.text.qkv(rms_norm(txt)), self.num_heads)   # [B, H, L, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        txt = txt + self.text.proj(attention(q, k, v, key_mask))          # [B, L, D]
+        txt = txt + self.text.proj(attention(q, k, v, key_mask))              # [B, L, D]
         return txt + self.text.mlp(rms_norm(txt))
 
 
@@ -190,17 +193,16 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         self.image = StreamWeights(cfg)
         self.text = StreamWeights(cfg)
+        self.num_heads = cfg.num_heads
 
     def forward(self, img, txt, cos, sin, key_mask):
         L = txt.shape[1]
-        qi, ki, vi = self.image.qkv_heads(img)                            # [B, H, N, Dh]
-        qt, kt, vt = self.text.qkv_heads(txt)                             # [B, H, L, Dh]
-        q = apply_rope(torch.cat([qt, qi], dim=2), cos, sin)              # [B, H, S, Dh]
-        k = apply_rope(torch.cat([kt, ki], dim=2), cos, sin)
-        v = torch.cat([vt, vi], dim=2)
-        out = attention(q, k, v, key_mask)                                # [B, S, D]
-        txt = txt + self.text.proj(out[:, :L])                            # [B, L, D]
-        img = img + self.image.proj(out[:, L:])                           # [B, N, D]
+        qkv = torch.cat([self.text.qkv(rms_norm(txt)), self.image.qkv(rms_norm(img))], dim=1)  # [B, S, 3D]
+        q, k, v = split_heads(qkv, self.num_heads)                            # [B, H, S, Dh]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, key_mask)                                    # [B, S, D]
+        txt = txt + self.text.proj(out[:, :L])                                # [B, L, D]
+        img = img + self.image.proj(out[:, L:])                               # [B, N, D]
         txt = txt + self.text.mlp(rms_norm(txt))
         img = img + self.image.mlp(rms_norm(img))
         return img, txt

@@ -114,6 +114,17 @@ _SHARD_FIELDS = (
 )
 
 
+def check_encoding(config: FetchConfig) -> None:
+    """Refuse encoder settings img2dataset's Resizer would reject inside every shard task."""
+    if config.encode_format not in ("jpg", "png", "webp"):
+        raise ValueError(f"encode_format {config.encode_format!r}: use jpg, png or webp")
+    low, high = (0, 9) if config.encode_format == "png" else (0, 100)
+    if not low <= config.encode_quality <= high:
+        what = "the zlib compression level" if config.encode_format == "png" else "the quality"
+        raise ValueError(f"encode_quality {config.encode_quality} out of range for {config.encode_format}: "
+                         f"it is {what}, {low}..{high}")
+
+
 def manifest_config(config: FetchConfig) -> dict[str, Any]:
     """The config as recorded in the manifest: where the output went is not part of what it is."""
     from jobs.config import to_dict
@@ -490,6 +501,7 @@ def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
 
     if not config.urls or not config.out:
         raise ValueError("fetch needs both urls (the URL list) and out (the dataset folder)")
+    check_encoding(config)
     start_time = time.perf_counter()
     table, url_col, alt_col, carry = read_url_list(config.urls, config)
     input_entry = manifest_lib.input_entry(config.urls)

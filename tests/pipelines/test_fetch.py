@@ -329,3 +329,13 @@ def test_killed_fetch_resumes_to_identical_shards(ray_session, image_server, tmp
     assert [(s.path, s.sha256) for s in a.shards] == [(s.path, s.sha256) for s in b_.shards]
     assert storage.read_bytes(os.path.join(killed, "manifest.json")) == storage.read_bytes(os.path.join(clean, "manifest.json"))
     assert manifest.verify(killed) == []
+
+
+def test_encoder_settings_are_checked_before_any_shard_runs(tmp_path):
+    from pipelines.fetch import FetchConfig, check_encoding
+
+    check_encoding(FetchConfig(encode_format="png", encode_quality=9))
+    with pytest.raises(ValueError, match="encode_quality 95 out of range for png: it is the zlib compression level, 0..9"):
+        check_encoding(FetchConfig(encode_format="png", encode_quality=95))
+    with pytest.raises(ValueError, match="encode_format 'gif'"):
+        check_encoding(FetchConfig(encode_format="gif"))
