@@ -172,9 +172,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         rows = load_generated(gen_cfg.out)[:32]
         import numpy as np
 
-        from jobs.generate import decode_png
-
-        grid = save_grid(np.stack([decode_png(r["image"]) for r in rows]), out / "sample_grid.png",
+        grid = save_grid(np.stack([r["image"] for r in rows]), out / "sample_grid.png",
                          captions=[r["prompt"] for r in rows], ncol=8)
         summary["sample_grid"] = str(grid)
         summary["images_per_s"] = gen["images_per_s"]
