@@ -52,7 +52,9 @@ def bench_step() -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     plain = _timed_steps({"model": STEP_MODEL})
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+        # RAY_ADDRESS names the cluster; without it, a fresh local instance (never some other
+        # `ray start` cluster that happens to run on this host).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
     with tempfile.TemporaryDirectory() as tmp:
         result = TorchTrainer(
             _ray_worker, train_loop_config={"model": STEP_MODEL},
@@ -114,7 +116,9 @@ def bench_ingest(n: int = 256, cpus: int = 2) -> dict:
         index = build_index(cfg)
         steps = index.num_rows // cfg.batch_size
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+            # RAY_ADDRESS names the cluster; without it, a fresh local instance (never some other
+        # `ray start` cluster that happens to run on this host).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
         # Warm the actor pool start-up out of the measurement with one short pass, then time a full one.
         for _ in iter_batches(index, cfg, 512, 0, 2, 0, 1):
             pass

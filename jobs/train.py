@@ -378,7 +378,9 @@ def main(cfg: TrainConfig):
         storage_path, storage_fs = os.path.abspath(cfg.storage_path), None
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+        # RAY_ADDRESS names the cluster; without it, a fresh local instance (never some other
+        # `ray start` cluster that happens to run on this host).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
     env = {k: os.environ[k] for k in ("PYTHONPATH", "MINIT2I_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                                       "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_REGION", "AWS_DEFAULT_REGION") if k in os.environ}
