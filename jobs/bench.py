@@ -116,9 +116,7 @@ def bench_ingest(n: int = 256, cpus: int = 2) -> dict:
         index = build_index(cfg)
         steps = index.num_rows // cfg.batch_size
         if not ray.is_initialized():
-            # RAY_ADDRESS names the cluster; without it, a fresh local instance (never some other
-        # `ray start` cluster that happens to run on this host).
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
         # Warm the actor pool start-up out of the measurement with one short pass, then time a full one.
         for _ in iter_batches(index, cfg, 512, 0, 2, 0, 1):
             pass
