@@ -14,7 +14,7 @@ import tempfile
 import time
 
 STEP_MODEL = dict(preset="debug", overrides={"depth": 2})
-STEP_BATCH, STEP_WARMUP, STEP_TIMED = 16, 3, 20
+STEP_BATCH, STEP_WARMUP, STEP_TIMED, STEP_THREADS = 16, 3, 20, 2
 
 
 def _timed_steps(loop_config: dict) -> float:
@@ -25,6 +25,7 @@ def _timed_steps(loop_config: dict) -> float:
     from model.denoiser import DenoiserConfig
 
     torch.manual_seed(0)
+    torch.set_num_threads(STEP_THREADS)        # the same threads in both places (Ray sets 1 per CPU it grants)
     cfg = ModelConfig(**loop_config["model"]).build(64, 32)
     optim = OptimConfig(lr=1e-3, warmup_steps=10, zero_stage=2)
     engine, precision = build_engine(cfg, optim, STEP_BATCH, torch.device("cpu"))
@@ -58,7 +59,7 @@ def bench_step() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = TorchTrainer(
             _ray_worker, train_loop_config={"model": STEP_MODEL, "out": os.path.join(tmp, "s_per_step")},
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": STEP_THREADS}),
             torch_config=TorchConfig(backend="gloo"),
             run_config=RunConfig(name="bench-step", storage_path=tmp,
                                  worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}}),
