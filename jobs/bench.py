@@ -84,6 +84,7 @@ def _make_512_shards(root: str, n: int, shards: int) -> str:
 
     from pipelines import manifest as manifest_lib
 
+    os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:512, 0:640]
     entries = []
