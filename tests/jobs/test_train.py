@@ -141,25 +141,50 @@ def test_bad_config_key_missing_dataset_and_bad_resume_are_loud(tmp_path, square
         main(tiny(tmp_path, squares, "x", "scaling.num_workers=3"))
 
 
+def _stop_cluster(temp_dir: str, port: int) -> None:
+    """End exactly this cluster's processes (by pid), never other Ray instances on the machine
+    (`ray stop` would stop every Ray on the host)."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        args = proc.info["cmdline"] or []
+        if proc.info["pid"] != os.getpid() and any(temp_dir in a or (a.endswith(f":{port}") and "address" in a) for a in args):
+            procs.append(proc)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 @pytest.fixture
-def two_node_cluster(tmp_path):
-    """A real 2-node Ray cluster on loopback: `ray start --head` + `ray start --address`, 2 CPUs each."""
+def two_node_cluster():
+    """A real 2-node Ray cluster on this machine: `ray start --head` + `ray start --address`, 2 CPUs each."""
+    import shutil
+    import tempfile
+
     port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="r2n", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
     ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--num-cpus", "2", "--object-store-memory", str(200 << 20), "--disable-usage-stats"]
+    # No token auth for a throwaway loopback cluster (Ray otherwise picks up a token from ~/.ray).
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--object-store-memory", str(200 << 20),
+              "--disable-usage-stats"]
     try:
-        subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                        "--include-dashboard", "false", "--temp-dir", str(tmp_path / "ray"),
+        subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                        "--temp-dir", temp_dir, "--ray-client-server-port", str(free_port()),
                         "--dashboard-agent-listen-port", str(free_port()), *common],
                        env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+        subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{port}",
                         "--dashboard-agent-listen-port", str(free_port()), *common],
                        env=env, check=True, capture_output=True, timeout=120)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
-                       capture_output=True, timeout=120)
+        _stop_cluster(temp_dir, port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_two_node_cluster_survives_a_killed_worker(tmp_path, squares, two_node_cluster):
@@ -169,15 +194,16 @@ def test_two_node_cluster_survives_a_killed_worker(tmp_path, squares, two_node_c
                  "checkpoint.every=4", "logging.every=4", "logging.sample_every=0", "scaling.num_workers=2",
                  "scaling.placement_strategy=SPREAD", "scaling.max_failures=2", f"logging.trace_dir={trace_dir}",
                  f"logging.dir={tmp_path / 'logs'}"]
-    env = {**os.environ, "RAY_ADDRESS": two_node_cluster}
+    env = {**os.environ, "RAY_ADDRESS": two_node_cluster, "RAY_AUTH_MODE": "disabled"}
     job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--config", str(ROOT / "jobs/configs/debug.yaml"), *overrides],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        # Wait until rank 1 is past the first checkpoint (step 4), then kill its process.
+        # Wait until the controller has registered the first checkpoint (step 4; its snapshot file
+        # lists it), then kill rank 1's process mid-run.
+        snapshot = tmp_path / "runs" / "kill" / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 400
         while time.time() < deadline:
-            steps = trace(trace_dir) if trace_dir.exists() else {}
-            if any(s >= 5 for s in steps) and (trace_dir / "pid-rank1.txt").exists():
+            if snapshot.exists() and (trace_dir / "pid-rank1.txt").exists():
                 break
             assert job.poll() is None, job.stdout.read()
             time.sleep(0.2)
@@ -193,7 +219,10 @@ def test_two_node_cluster_survives_a_killed_worker(tmp_path, squares, two_node_c
     assert job.returncode == 0, out
     after = json.loads((trace_dir / "pid-rank1.txt").read_text())
     assert after["pid"] != first[1]["pid"], "a new worker group took over"
-    assert "resuming at step" in out
+    # The restarted group went back to the last checkpoint (step 4 or 8) and re-did the steps after it.
+    logged = [json.loads(line)["step"] for line in (trace_dir / "keys-rank0.jsonl").read_text().splitlines()]
+    restart = next(i for i in range(1, len(logged)) if logged[i] <= logged[i - 1])
+    assert logged[restart] in (4, 8) and logged[restart] <= killed_at + 1
     steps = trace(trace_dir)
     assert_no_repeats_no_gaps(squares, steps, 12)
     state = json.loads((latest(tmp_path / "runs" / "kill") / "train_state.json").read_text())
