@@ -187,12 +187,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         from jobs.tune import SamplingTuneConfig, run_tune
 
         tune_cfg = _overrides(SamplingTuneConfig(checkpoint=weights, prompts=str(prompts)), {
-            "subsets": [16, 32], "run.out": str(out / "tune"), "run.name": "sampling", "run.num_samples": 4,
-            "space": {"cfg_scale": {"choice": [1.0, 2.0, 4.0, 6.0]}, "sampler": "euler", "steps": 15},
+            "subsets": [16, 32], "run.out": str(out / "tune"), "run.name": "sampling", "run.num_samples": 1,
+            "space": {"cfg_scale": {"grid": [1.0, 2.0, 4.0, 6.0]}, "sampler": "euler", "steps": 15},
             **cfg.tune,
         }, "demo tune")
         tuned = run_tune("sampling", tune_cfg)
-        summary["tune"] = {"best": tuned["best"], "dir": str(out / "tune" / "sampling")}
+        summary["tune"] = {"best": tuned["best"], "dir": tune_cfg.run.out}
 
     summary["stage_seconds"] = stage.times
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -1,7 +1,7 @@
 """The training step, without Ray: DeepSpeed engine from our config, forward/backward/step, EMA.
 
 Runs in any process that has a torch.distributed group (or none: a single process makes its own),
-so it can be profiled on a bare GPU box (`minit2i bench train`, benchmarks/gpu_train_step.py).
+so it can be profiled on a bare GPU box (`minit2i bench train`, benchmarks/gpu_bench.py).
 Ray Train's worker loop (jobs/train.py) only feeds it batches and saves what it returns.
 
 World-size-independent state. A checkpoint holds full fp32 tensors, consolidated on rank 0 with

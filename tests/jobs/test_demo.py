@@ -18,7 +18,7 @@ def test_demo_runs_end_to_end_at_a_small_size(tmp_path):
         "train={data.batch_size: 16, optim.steps: 24, optim.warmup_steps: 4, checkpoint.every: 12, "
         "logging.every: 6, logging.sample_every: 24, logging.sample_steps: 4, ema.decays: [0.9]}",
         "generate={sampler.steps: 4}",
-        "tune={subsets: [4, 8], run.num_samples: 2, space: {cfg_scale: {choice: [1.0, 3.0]}, sampler: euler, steps: 3}}",
+        "tune={subsets: [4, 8], space: {cfg_scale: {grid: [1.0, 3.0]}, sampler: euler, steps: 3}}",
         timeout=1200,
     )
     summary = json.loads((out / "summary.json").read_text())

@@ -22,7 +22,7 @@ from jobs import config as config_lib
 from jobs.train import TrainConfig, main
 from jobs.train_data import DataConfig, build_index, epoch_order, steps_per_epoch
 from pipelines import storage
-from tests.conftest import ROOT, free_port, run_cli
+from tests.conftest import ROOT, run_cli
 from tests.jobs.train_fixtures import make_dataset
 
 G = 8  # global batch in every run
@@ -141,50 +141,14 @@ def test_bad_config_key_missing_dataset_and_bad_resume_are_loud(tmp_path, square
         main(tiny(tmp_path, squares, "x", "scaling.num_workers=3"))
 
 
-def _stop_cluster(temp_dir: str, port: int) -> None:
-    """End exactly this cluster's processes (by pid), never other Ray instances on the machine
-    (`ray stop` would stop every Ray on the host)."""
-    import psutil
-
-    procs = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        args = proc.info["cmdline"] or []
-        if proc.info["pid"] != os.getpid() and any(temp_dir in a or (a.endswith(f":{port}") and "address" in a) for a in args):
-            procs.append(proc)
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
 @pytest.fixture
 def two_node_cluster():
-    """A real 2-node Ray cluster on this machine: `ray start --head` + `ray start --address`, 2 CPUs each."""
-    import shutil
-    import tempfile
+    """A real 2-node Ray cluster on loopback (cluster/local.py: `ray start --head` + `ray start
+    --address`, 2 CPUs each, token authentication on); yields the environment that points at it."""
+    from cluster.local import LocalCluster
 
-    port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="r2n", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    # No token auth for a throwaway loopback cluster (Ray otherwise picks up a token from ~/.ray).
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--object-store-memory", str(200 << 20),
-              "--disable-usage-stats"]
-    try:
-        subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                        "--temp-dir", temp_dir, "--ray-client-server-port", str(free_port()),
-                        "--dashboard-agent-listen-port", str(free_port()), *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{port}",
-                        "--dashboard-agent-listen-port", str(free_port()), *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        yield f"127.0.0.1:{port}"
-    finally:
-        _stop_cluster(temp_dir, port)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with LocalCluster(num_workers=1, cpus_per_node=2, object_store_memory=200 << 20) as cluster:
+        yield cluster.env()
 
 
 def test_two_node_cluster_survives_a_killed_worker(tmp_path, squares, two_node_cluster):
@@ -194,7 +158,7 @@ def test_two_node_cluster_survives_a_killed_worker(tmp_path, squares, two_node_c
                  "checkpoint.every=4", "logging.every=4", "logging.sample_every=0", "scaling.num_workers=2",
                  "scaling.placement_strategy=SPREAD", "scaling.max_failures=2", f"logging.trace_dir={trace_dir}",
                  f"logging.dir={tmp_path / 'logs'}"]
-    env = {**os.environ, "RAY_ADDRESS": two_node_cluster, "RAY_AUTH_MODE": "disabled"}
+    env = two_node_cluster
     job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--config", str(ROOT / "jobs/configs/debug.yaml"), *overrides],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
