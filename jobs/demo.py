@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +106,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     world_cfg = WorldConfig(seed=cfg.world.seed, size=cfg.world.size, relation_fraction=cfg.world.relation_fraction)
     with WorldServer(world_cfg, cfg.world.n) as server:
         with stage("world"):
-            world_dir = write_world(str(out / "world"), world_cfg, cfg.world.n, server.base_url)
+            write_world(str(out / "world"), world_cfg, cfg.world.n, server.base_url)
             print(f"{cfg.world.n} scenes at {cfg.world.size}px served from {server.base_url}")
         with stage("fetch"):
             fetch_cfg = _overrides(fetch_lib.FetchConfig(
@@ -130,7 +129,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "shard_rows": 500,
         }, "demo curate")
         curate_cfg = _overrides(curate_cfg, cfg.curate, "demo curate")
-        curated = curate(curate_cfg, read_units(curate_cfg))
+        curate(curate_cfg, read_units(curate_cfg))
         summary["curate_manifest"] = str(out / "data" / "curated" / "manifest.json")
         data_dir = str(out / "data" / "curated")
 

@@ -346,7 +346,6 @@ def sample_grid(cfg: TrainConfig, engine, ema, encoder, model_cfg, step: int, ra
 
 def main(cfg: TrainConfig):
     """Validate the config and data, then run the TorchTrainer; returns Ray Train's Result."""
-    import ray
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

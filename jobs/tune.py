@@ -285,19 +285,19 @@ def load_trial_data(cfg: ScheduleTuneConfig, image_size: int) -> TrialData:
 
 def train_trial(config: dict, data: TrialData, cfg: ScheduleTuneConfig, out_dir: str | Path,
                 on_eval: Callable[[int, Path, dict], None] | None = None, resume: Path | None = None) -> Path:
-    """Short training run of the schedule in `config` (t_mu, t_sigma, noise_scale); plain torch + AdamW.
+    """Short training run of the schedule in `config` (t_mu, t_sigma, noise_scale) with the train
+    job's own step (jobs/train_step.py: DeepSpeed ZeRO-1 in one process, AdamW beta2 0.95, grad
+    clipping, per-sample noise draws, sharded EMA), on images held in memory.
 
     Every `report_every` steps the EMA weights are saved to `out_dir` (a loadable weights folder),
     the eval prompts are sampled and scored, and on_eval(step, out_dir, summary) is called (Tune
     reports there). `resume` is a folder from an earlier call to continue from. Returns `out_dir`.
-    TODO: route through the train job's in-process loop (jobs/train.py) once it lands, so schedule
-    trials use exactly the production step (data pipeline, DeepSpeed off).
     """
     import torch
 
     from jobs.generate import sample_images
+    from jobs.train_step import OptimConfig, ShardedEMA, TrainStep, build_engine, full_state, load_moments
     from model.checkpoint import save_weights
-    from model.denoiser import training_loss
     from model.mmjit import MMJiT, preset
     from model.text_encoder import FrozenT5, TextEncoderConfig
 
@@ -307,19 +307,23 @@ def train_trial(config: dict, data: TrialData, cfg: ScheduleTuneConfig, out_dir:
         raise ValueError(f"t_sigma and noise_scale must be > 0, got {den.t_sigma}, {den.noise_scale}")
     out_dir = Path(out_dir)
     device = torch.device("cuda" if cfg.run.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")   # read when DeepSpeed first picks its accelerator
     enc_cfg = TextEncoderConfig(cfg.text_encoder, cfg.prompt_length)
     encoder = FrozenT5(enc_cfg, device)
     model_cfg = preset(cfg.preset, **{**cfg.model, "text_dim": encoder.dim, "text_length": cfg.prompt_length})
-    torch.manual_seed(cfg.run.seed)
-    net = MMJiT(model_cfg).to(device)
-    ema = MMJiT(model_cfg).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(net.state_dict())
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step = 0
+    optim = OptimConfig(lr=cfg.lr, warmup_steps=0, steps=cfg.steps, zero_stage=1)
+    step, weights, state = 0, None, None
     if resume is not None and (resume / "train_state.pt").is_file():
-        state = torch.load(resume / "train_state.pt", map_location=device)
-        net.load_state_dict(state["net"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
-        step = state["step"]
+        state = torch.load(resume / "train_state.pt", map_location="cpu")
+        step, weights = state["step"], state["weights"]
+    torch.manual_seed(cfg.run.seed)
+    engine, precision = build_engine(model_cfg, optim, cfg.batch_size, device, weights)
+    if state is not None:
+        load_moments(engine, state["moments"], step)
+    ema = ShardedEMA(engine, [cfg.ema], init=None if state is None else {cfg.ema: state["ema"]})
+    train_step = TrainStep(engine, precision, den, optim, ema, seed=cfg.run.seed)
+    ema_net = MMJiT(model_cfg).to(device).eval().requires_grad_(False)
 
     x_all = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1)    # [N, 3, S, S] in [-1, 1]
     with torch.no_grad():
@@ -327,29 +331,27 @@ def train_trial(config: dict, data: TrialData, cfg: ScheduleTuneConfig, out_dir:
     gen = torch.Generator(device="cpu").manual_seed(cfg.run.seed + step)
     scorers = Scorers(cfg.metrics)
     sampler = dataclasses.replace(cfg.sampler, noise_scale=den.noise_scale)
+    B = cfg.batch_size
     while step < cfg.steps:
-        net.train()
-        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
-        loss, _ = training_loss(net, x_all[idx].to(device), text_all[idx].to(device), mask_all[idx].to(device), den,
-                                generator=None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - cfg.ema)
+        engine.train()
+        idx = torch.randint(0, len(x_all), (B,), generator=gen)
+        # Noise is drawn per position in the run (step * batch + i), as in the train job.
+        out = train_step(step, x_all[idx], text_all[idx], mask_all[idx], list(range(step * B, (step + 1) * B)))
+        loss = float(out["loss"])
         step += 1
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {step} (schedule {config})")
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {step} (schedule {config})")
         if step % cfg.report_every == 0 or step == cfg.steps:
-            save_weights(out_dir, ema.state_dict(), model_cfg, enc_cfg, den, name=f"ema_{cfg.ema}")
-            torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step},
-                       out_dir / "train_state.pt")
+            ema_state = ema.full()[cfg.ema]
+            weights, moments = full_state(engine)
+            save_weights(out_dir, ema_state, model_cfg, enc_cfg, den, name=f"ema_{cfg.ema}")
+            torch.save({"weights": weights, "moments": moments, "ema": ema_state, "step": step}, out_dir / "train_state.pt")
+            ema_net.load_state_dict(ema_state)
             n = len(data.eval_prompts)
-            images = sample_images(ema, encoder, sampler, data.eval_prompts, list(range(n)), [0] * n)
+            images = sample_images(ema_net, encoder, sampler, data.eval_prompts, list(range(n)), [0] * n)
             _, summary = scorers.score([{"prompt": p, "metadata": {}, "image": im} for p, im in zip(data.eval_prompts, images)],
                                        cfg.metrics.patch_size or model_cfg.patch_size)
-            summary["loss"] = float(loss.item())
+            summary["loss"] = loss
             _save_grid(images[: cfg.run.grid_images], data.eval_prompts[: cfg.run.grid_images], out_dir / "grid.png")
             if on_eval is not None:
                 on_eval(step, out_dir, summary)

@@ -14,7 +14,6 @@ H heads, Dh head dim, P patch size.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch

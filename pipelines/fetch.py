@@ -56,7 +56,7 @@ from pipelines.url_safety import RETRYABLE, AllowList, Response, SafetyPolicy, s
 # Decompression bombs are refused from the header (see `_check_header`); PIL's own warning is noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
-COMMIT_DIR = "_commits"
+COMMIT_DIR = manifest_lib.COMMIT_DIR
 # Output column order; carried caption columns go after alt_text.
 HEAD_COLUMNS = ("key", "url", "alt_text")
 TAIL_FIELDS = (
@@ -419,15 +419,6 @@ def fingerprint_of(config: FetchConfig, input_sha256: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_markers(out: str) -> dict[str, dict[str, Any]]:
-    """Committed shards of a dataset folder: shard name -> commit marker."""
-    markers = {}
-    for uri in storage.list_files(storage.join(out, COMMIT_DIR), suffix=".json"):
-        marker = json.loads(storage.read_bytes(uri))
-        markers[marker["shard"]] = marker
-    return markers
-
-
 def aggregate(markers: list[dict[str, Any]]) -> dict[str, Any]:
     """Dataset statistics from the shards' markers (deterministic: no time, no per-run numbers)."""
     status, classes = Counter(), Counter()
@@ -513,7 +504,7 @@ def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
         kind = manifest_lib.read(config.out).kind
         if kind != "fetch":
             raise ValueError(f"{config.out} holds a {kind!r} dataset, not a fetch; choose another --out")
-    markers = read_markers(config.out)
+    markers = manifest_lib.read_markers(config.out)
     foreign = sorted(name for name, m in markers.items() if m.get("fingerprint") != fingerprint)
     if foreign:
         raise ValueError(

@@ -19,6 +19,7 @@ from typing import Any
 from pipelines import storage
 
 MANIFEST_NAME = "manifest.json"
+COMMIT_DIR = "_commits"          # per-shard commit markers of resumable stages (fetch, recaption)
 # Optional beside the shards: one row per input row a stage dropped (key columns, reason,
 # duplicate_of), so `diff_rows` can say why a row is in one build and not the other.
 DROPPED_NAME = "dropped.parquet"
@@ -86,6 +87,15 @@ def shard_entry(root: str, uri: str, rows: int | None) -> FileEntry:
 def input_entry(uri: str) -> FileEntry:
     digest, size = storage.file_digest(uri)
     return FileEntry(path=str(uri), sha256=digest, bytes=size)
+
+
+def read_markers(root: str) -> dict[str, dict[str, Any]]:
+    """Committed shards of a dataset folder being built: shard name -> its commit marker."""
+    markers = {}
+    for uri in storage.list_files(storage.join(root, COMMIT_DIR), suffix=".json"):
+        marker = json.loads(storage.read_bytes(uri))
+        markers[marker["shard"]] = marker
+    return markers
 
 
 def write(root: str, manifest: Manifest) -> str:

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pipelines import manifest as manifest_lib
 from pipelines import storage
 
-COMMIT_DIR = "_commits"
+COMMIT_DIR = manifest_lib.COMMIT_DIR
 CAPTION_FIELDS = (
     pa.field("caption", pa.string()),
     pa.field("captioner", pa.string()),               # model id/path, or "jsonl:<file>"
@@ -253,14 +253,6 @@ class RecaptionResult:
     manifest_uri: str = ""
 
 
-def _read_markers(out: str) -> dict[str, dict[str, Any]]:
-    markers = {}
-    for uri in storage.list_files(storage.join(out, COMMIT_DIR), suffix=".json"):
-        m = json.loads(storage.read_bytes(uri))
-        markers[m["shard"]] = m
-    return markers
-
-
 def _generate(config: RecaptionConfig, todo: list[str], fingerprint: str, progress) -> list[dict[str, Any]]:
     """Caption the shards in `todo` with the actor pool; write each as soon as its rows are all back."""
     import ray
@@ -340,7 +332,7 @@ def run(config: RecaptionConfig) -> RecaptionResult:
     names = [s.path for s in source.shards]
 
     manifest_uri = storage.join(config.out, manifest_lib.MANIFEST_NAME)
-    markers = _read_markers(config.out)
+    markers = manifest_lib.read_markers(config.out)
     foreign = sorted(n for n, m in markers.items() if m.get("fingerprint") != fingerprint)
     if foreign:
         raise ValueError(f"{config.out} already holds shards ({foreign[0]}, ...) captioned from other inputs or "

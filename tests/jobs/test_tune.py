@@ -138,3 +138,30 @@ def test_tune_cli_reports_bad_input(tmp_path):
     assert proc.returncode == 2 and "holds no Parquet shards" in proc.stderr
     proc = run_cli("tune", "sampling", "objective.mode=maybe", check=False)
     assert proc.returncode == 2 and "objective.mode must be max or min" in proc.stderr
+
+
+def test_schedule_trials_train_with_the_train_jobs_step_and_resume(tmp_path):
+    # A trial trains with jobs/train_step (DeepSpeed in one process) and continues from its own save.
+    import torch
+
+    from jobs.tune import TrialData, train_trial
+
+    captions = ["a red circle", "two blue squares"] * 4
+    images = np.stack([render_caption(c, 32) for c in captions])
+    t5 = build_tiny_t5(tmp_path / "t5", d_model=32, num_layers=1, num_heads=2)
+    cfg = ScheduleTuneConfig(
+        model={"depth": 1, "width": 64, "num_heads": 2, "head_dim": 32, "bottleneck": 16}, text_encoder=str(t5),
+        prompt_length=16, steps=2, report_every=2, batch_size=4, sampler=SamplerConfig(sampler="euler", steps=2),
+        run=RunConfig(grid_images=2),
+    )
+    data = TrialData(images=images, captions=captions, eval_prompts=captions[:2])
+    seen = []
+    out = train_trial({"t_mu": -0.5, "t_sigma": 1.0, "noise_scale": 1.0}, data, cfg, tmp_path / "trial",
+                      on_eval=lambda step, d, summary: seen.append((step, summary["loss"])))
+    state = torch.load(out / "train_state.pt")
+    assert state["step"] == 2 and any(k.startswith("exp_avg/") for k in state["moments"])   # Adam state from DeepSpeed
+    cfg.steps = 4
+    train_trial({"t_mu": -0.5, "t_sigma": 1.0, "noise_scale": 1.0}, data, cfg, out, resume=out,
+                on_eval=lambda step, d, summary: seen.append((step, summary["loss"])))
+    assert [s for s, _ in seen] == [2, 4] and torch.load(out / "train_state.pt")["step"] == 4
+    assert all(np.isfinite(loss) for _, loss in seen)
