@@ -65,12 +65,12 @@ def text_inputs(B: int, L: int, dim: int, device="cuda"):
 
 
 def bench_train(preset_name: str, batch: int, compile_: bool, steps: int, peak: float | None,
-                weights: str = "fp32") -> dict:
+                weights: str = "fp32", attn_mask: bool = False) -> dict:
     """weights="fp32": fp32 master weights under bf16 autocast (what torch AMP does); "bf16": bf16
     weights in forward/backward, as DeepSpeed's bf16 mode runs them (its fp32 master copy lives in
     the optimizer; here AdamW steps the bf16 weights directly, a few ms cheaper per step)."""
     torch.manual_seed(0)
-    cfg = preset(preset_name, text_dim=1024, image_size=512)
+    cfg = preset(preset_name, text_dim=1024, image_size=512, attn_mask=attn_mask)
     net = MMJiT(cfg).cuda()
     if weights == "bf16":
         net = net.to(torch.bfloat16)
@@ -93,7 +93,8 @@ def bench_train(preset_name: str, batch: int, compile_: bool, steps: int, peak: 
     sec = timed(step, 5 if compile_ else 3, steps)
     img_s = batch / sec
     tflops = img_s * 3 * forward_flops(cfg)["total"] / 1e12
-    out = {"preset": preset_name, "batch": batch, "compile": compile_, "weights": weights, "step_s": sec, "img_s": img_s,
+    out = {"preset": preset_name, "batch": batch, "compile": compile_, "weights": weights, "attn_mask": attn_mask,
+           "step_s": sec, "img_s": img_s,
            "model_tflops": tflops, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
     if peak:
         out["mfu"] = tflops / peak

@@ -44,8 +44,10 @@ def test_output_exactly_zero_at_init():
     assert torch.count_nonzero(MMJiT(cfg)(x, text, mask)) == 0
 
 
-def test_padded_text_positions_do_not_change_the_image():
-    cfg = preset("debug", text_length=8)
+@pytest.mark.parametrize("attn_mask", [False, True])
+def test_padded_text_positions_do_not_change_the_image(attn_mask):
+    """Padded features never reach the network (the mask token replaces them), masked or not."""
+    cfg = preset("debug", text_length=8, attn_mask=attn_mask)
     net = MMJiT(cfg).eval()
     randomize_output(net)
     x, text, mask = inputs(cfg)
@@ -59,8 +61,9 @@ def test_padded_text_positions_do_not_change_the_image():
     assert not torch.allclose(net(x, text3, mask)[0], out[0])
 
 
-def test_dropped_caption_is_finite_and_ignores_text():
-    cfg = preset("debug", text_length=8)
+@pytest.mark.parametrize("attn_mask", [False, True])
+def test_dropped_caption_is_finite_and_ignores_text(attn_mask):
+    cfg = preset("debug", text_length=8, attn_mask=attn_mask)
     net = MMJiT(cfg).eval()
     randomize_output(net)
     x, text, _ = inputs(cfg)
@@ -68,6 +71,23 @@ def test_dropped_caption_is_finite_and_ignores_text():
     a = net(x, text, empty)
     b = net(x, torch.randn_like(text), empty)
     assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_unmasked_attention_sees_the_mask_tokens_as_minit2i_does():
+    """Without the attention mask (the default, as in MiniT2I), padded positions are attended as
+    mask tokens, so the padding length matters; with attn_mask=True it does not."""
+    same = {}
+    for attn_mask in (False, True):
+        cfg = preset("debug", text_length=8, attn_mask=attn_mask)
+        net = MMJiT(cfg).eval()
+        randomize_output(net)
+        x, text, _ = inputs(cfg)
+        valid = torch.zeros(2, 8, dtype=torch.bool)
+        valid[:, :3] = True                                     # 3 real tokens, then 5 padded ...
+        long = net(x, text, valid)
+        short = net(x, text[:, :4], valid[:, :4])               # ... or the same 3 and 1 padded
+        same[attn_mask] = torch.allclose(long, short, atol=1e-5)
+    assert same == {False: False, True: True}
 
 
 def _dot_after_rope(angles, q, k, m, n):
