@@ -192,7 +192,7 @@ def train_loop(loop_config: dict) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from jobs.train_data import iter_batches
+    from jobs.train_data import iter_batches, order_settings, with_partitions
     from jobs.train_step import ShardedEMA, TrainStep, build_engine, full_state, load_moments
     from model.text_encoder import FrozenT5
 
@@ -227,6 +227,15 @@ def train_loop(loop_config: dict) -> None:
             raise ValueError(f"checkpoint was trained with global batch {st['global_batch']}, config says {G}: the data position would not line up")
         if st["data_fingerprint"] != index.fingerprint:
             raise ValueError("checkpoint was trained on different data (manifest fingerprint differs); use a new run name to start over")
+        recorded = st.get("order", {})
+        if not cfg.data.partitions and recorded.get("partitions"):
+            cfg.data.partitions = recorded["partitions"]                 # auto: keep the first run's streams
+        data_cfg = with_partitions(cfg.data, world)
+        changed = {k: (v, order_settings(data_cfg)[k]) for k, v in recorded.items() if order_settings(data_cfg).get(k) != v}
+        if changed:
+            raise ValueError("checkpoint's sample order was made with different settings (checkpoint, config): "
+                             + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in changed.items())
+                             + "; resume with the checkpoint's values or use a new run name")
         start_step, weights = st["step"], resumed["weights"]
         if rank == 0:
             print(f"[train] resuming at step {start_step} (sample {start_step * G}) from {ckpt.path}, "
@@ -243,6 +252,7 @@ def train_loop(loop_config: dict) -> None:
         if tmp:
             tmp.cleanup()
 
+    data_cfg = with_partitions(cfg.data, world)
     engine, precision = build_engine(model_cfg, cfg.optim, b, device, weights)
     if resumed is not None:
         load_moments(engine, resumed["moments"], start_step)
@@ -269,13 +279,14 @@ def train_loop(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             state = {"step": step, "samples": step * G, "epoch": step // (index.num_rows // G), "global_batch": G,
                      "world_size": world, "data_fingerprint": index.fingerprint, "seed": cfg.data.seed,
+                     "order": order_settings(data_cfg),
                      "ema_decays": [str(d) for d in emas_], "skipped": int(metrics.get("skipped", 0))}
             write_checkpoint(tmp, weights_, moments_, {str(d): sd for d, sd in emas_.items()}, state, cfg, model_cfg)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
     total = cfg.optim.steps
     step = start_step
-    batches = iter_batches(index, cfg.data, model_cfg.image_size, start_step, total, rank, world)
+    batches = iter_batches(index, data_cfg, model_cfg.image_size, start_step, total, rank, world)
     for step, batch in batches:
         if encoder is not None:
             text, mask = encoder(batch["caption"])
@@ -354,6 +365,8 @@ def main(cfg: TrainConfig):
     W, G = cfg.scaling.num_workers, cfg.data.batch_size
     if W < 1 or G % W:
         raise ValueError(f"data.batch_size {G} must be a positive multiple of scaling.num_workers {W}")
+    if cfg.data.partitions < 0 or (cfg.data.partitions and G % cfg.data.partitions):
+        raise ValueError(f"data.partitions {cfg.data.partitions} must divide data.batch_size {G} (or be 0: one per worker)")
     if cfg.optim.steps < 1 or cfg.checkpoint.every < 1 or cfg.logging.every < 1:
         raise ValueError("optim.steps, checkpoint.every and logging.every must be >= 1")
     index = build_index(cfg.data)
@@ -410,8 +423,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ray.train import TrainingFailedError
+
     cfg = config_lib.load(TrainConfig, args.config, args.overrides)
-    result = main(cfg)
+    try:
+        result = main(cfg)
+    except TrainingFailedError as err:                 # the workers' own error is in its message
+        print(f"minit2i train: failed: {err}", flush=True)
+        return 1
     if result.error is not None:
         print(f"minit2i train: failed: {result.error}", flush=True)
         return 1

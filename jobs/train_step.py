@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from jobs.train_data import to_model_range
 from model.denoiser import DenoiserConfig, training_loss
 from model.mmjit import MMJiT, MMJiTConfig, preset
 
@@ -290,11 +291,16 @@ class TrainStep:
 
     def __call__(self, step: int, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
                  positions: list[int], valid: torch.Tensor | None = None) -> dict[str, float]:
-        """x [b, 3, H, W] in [-1, 1], text [b, L, C_txt], mask [b, L]; positions: global sample ids."""
+        """x: uint8 [b, H, W, 3] as the loader ships it (made [b, 3, H, W] in [-1, 1] here, on the
+        device) or float [b, 3, H, W] in [-1, 1]; text [b, L, C_txt], mask [b, L]; positions:
+        global sample ids."""
         lr = lr_at(step, self.optim)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        x = x.to(self.device, self.dtype, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = to_model_range(x.to(self.device, non_blocking=True).float()).to(self.dtype)
+        else:
+            x = x.to(self.device, self.dtype, non_blocking=True)
         text = text.to(self.device, self.dtype, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
         keep, t, eps = sample_draws(positions, self.seed, tuple(x.shape[1:]), self.denoiser, self.device)

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from ray.train import TrainingFailedError
 from safetensors.torch import load_file
 
 from jobs import config as config_lib
@@ -60,15 +61,15 @@ def step_losses(steps) -> list[float]:
 
 def expected_keys(data: str, steps: range) -> list[list[str]]:
     """The keys each step must see, recomputed from the manifests, the seed and the order function."""
-    cfg = DataConfig(datasets=[data], batch_size=G)
+    cfg = DataConfig(datasets=[data], batch_size=G, partitions=2)     # every run here: 2 streams
     index = build_index(cfg)
     keys = [pq.read_table(storage.resolve(s)[1], columns=["key"]).column("key").to_pylist() for s in index.shards]
     spe = steps_per_epoch(index, G)
     out = []
     for s in steps:
         epoch, within = divmod(s, spe)
-        gids = epoch_order(index, cfg.seed, epoch)[within * G:(within + 1) * G]
-        out.append([keys[sid][row] for sid, row in index.rows[gids]])
+        gids = epoch_order(index, cfg, epoch)[within * G:(within + 1) * G]
+        out.append([keys[sid][row] for sid, row, _ in index.rows[gids]])
     return out
 
 
@@ -84,7 +85,9 @@ def latest(run_dir: Path) -> Path:
 
 def test_zero2_zero3_match_one_worker_learn_and_resume_across_world_sizes(ray_session, squares, tmp_path, s3_server):
     # Reference: 1 worker, checkpoints to S3 (moto on loopback).
-    ref = tiny(tmp_path, squares, "ref", "scaling.num_workers=1", "optim.steps=3", "storage_path=s3://test-bucket/runs")
+    # (partitions=2: the sample order of the 2-worker runs, whose default is one stream per worker.)
+    ref = tiny(tmp_path, squares, "ref", "scaling.num_workers=1", "data.partitions=2", "optim.steps=3",
+               "storage_path=s3://test-bucket/runs")
     assert main(ref).error is None
     ref_losses = step_losses(trace(tmp_path / "trace" / "ref"))
     s3_ckpts = [p for p in storage.list_files("s3://test-bucket/runs/ref", recursive=True) if p.endswith("train_state.json")]
@@ -111,8 +114,11 @@ def test_zero2_zero3_match_one_worker_learn_and_resume_across_world_sizes(ray_se
         assert model.keys() == ema0.keys() and all(torch.allclose(model[k], ema0[k], atol=1e-6) for k in model)
         assert_no_repeats_no_gaps(squares, steps, 16)
 
-    # Stop and re-run the same command with more steps: it resumes at 16; then 1 worker takes over.
+    # Stop and re-run the same command with more steps: it resumes at 16; then 1 worker takes over
+    # (keeping the checkpoint's 2 streams); a different explicit order setting is refused.
     assert main(tiny(tmp_path, squares, "zero2", "scaling.num_workers=2", "optim.zero_stage=2", "optim.steps=20")).error is None
+    with pytest.raises(TrainingFailedError, match="shuffle_rows 1024 vs 4"):
+        main(tiny(tmp_path, squares, "zero2", "scaling.num_workers=1", "data.shuffle_rows=4", "optim.steps=24"))
     assert main(tiny(tmp_path, squares, "zero2", "scaling.num_workers=1", "optim.zero_stage=2", "optim.steps=24")).error is None
     steps = trace(tmp_path / "trace" / "zero2")
     assert_no_repeats_no_gaps(squares, steps, 24)

@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 
-from jobs.train_data import DataConfig, DecodeCrop, ReadRows, build_index, epoch_order, steps_per_epoch, worker_rows
+from jobs.train_data import (DataConfig, DecodeCrop, ReadRows, build_index, epoch_order, steps_per_epoch, to_model_range,
+                             worker_rows)
 from tests.jobs.train_fixtures import make_dataset, square_png
 
 
@@ -19,18 +21,35 @@ def test_index_skips_failed_fetches_and_tolerates_an_empty_shard(squares):
     assert index.fingerprint == build_index(DataConfig(datasets=[squares])).fingerprint
 
 
-def test_order_is_seeded_and_a_permutation_per_epoch(squares):
+def test_order_is_seeded_and_never_repeats_a_row_within_an_epoch(squares):
     index = build_index(DataConfig(datasets=[squares]))
-    a, b = epoch_order(index, 0, 0), epoch_order(index, 0, 0)
-    assert np.array_equal(a, b) and sorted(a) == list(range(index.num_rows))
-    assert not np.array_equal(a, epoch_order(index, 0, 1)) and not np.array_equal(a, epoch_order(index, 1, 0))
-    windowed = epoch_order(index, 0, 0, window=1)              # one shard at a time: rows stay together
-    shard_runs = np.flatnonzero(np.diff(index.rows[windowed, 0]) != 0)
-    assert sorted(windowed) == list(range(index.num_rows)) and len(shard_runs) == 2
+    cfg = DataConfig(datasets=[squares], batch_size=8, partitions=2, shuffle_rows=8)
+    a, b = epoch_order(index, cfg, 0), epoch_order(index, cfg, 0)
+    assert np.array_equal(a, b) and len(a) == 32 and len(set(a.tolist())) == 32     # 38 rows -> 4 steps of 8
+    assert set(a.tolist()) <= set(range(index.num_rows))
+    assert not np.array_equal(a, epoch_order(index, cfg, 1))
+    assert not np.array_equal(a, epoch_order(index, DataConfig(**{**cfg.__dict__, "seed": 1}), 0))
+    with pytest.raises(ValueError, match="partitions"):
+        epoch_order(index, DataConfig(datasets=[squares], batch_size=8, partitions=3), 0)
+
+
+def test_row_groups_stay_in_one_stream_and_one_block(squares):
+    """Streams own whole row groups, so each is read by one worker; blocks keep its rows close."""
+    index = build_index(DataConfig(datasets=[squares]))
+    cfg = DataConfig(datasets=[squares], batch_size=8, partitions=2, shuffle_rows=4)
+    order = epoch_order(index, cfg, 0).reshape(4, 2, 4)                     # [step, stream, row]
+    units = index.rows[order, 2]
+    owners = {int(u): {int(j) for j in np.flatnonzero((units == u).any(axis=(0, 2)))} for u in np.unique(units)}
+    # A stream's share of a dataset is cut from one sequence of whole row groups, so at most the
+    # one row group at the cut is split between the two streams.
+    assert sum(len(o) > 1 for o in owners.values()) <= 1, owners
+    unshuffled = epoch_order(index, DataConfig(**{**cfg.__dict__, "shuffle_rows": 1}), 0).reshape(4, 2, 4)
+    runs = index.rows[unshuffled.transpose(1, 0, 2).reshape(2, -1), 2]     # each stream's rows in order
+    assert all(len(np.unique(r)) == 1 + np.count_nonzero(np.diff(r)) for r in runs), "whole row groups in a row"
 
 
 def test_worker_slices_resume_anywhere_with_any_world_size(squares):
-    cfg = DataConfig(datasets=[squares], batch_size=8)
+    cfg = DataConfig(datasets=[squares], batch_size=8, partitions=2)
     index = build_index(cfg)
     spe = steps_per_epoch(index, 8)
     # The whole stream of 11 steps (crossing two epoch boundaries) as one worker sees it ...
@@ -48,10 +67,37 @@ def test_worker_slices_resume_anywhere_with_any_world_size(squares):
 
 def test_mix_weights_set_each_datasets_share(tmp_path, squares):
     small = make_dataset(str(tmp_path / "small"), n=8, size=16, shards=1, prefix="s")
-    index = build_index(DataConfig(datasets=[squares, small], weights=[1.0, 1.0]))
-    order = epoch_order(index, 0, 0)
+    cfg = DataConfig(datasets=[squares, small], weights=[1.0, 1.0], batch_size=8, partitions=2)
+    index = build_index(cfg)
+    order = epoch_order(index, cfg, 0)
     from_small = np.isin(order, index.dataset_rows[1]).sum()
-    assert len(order) == 46 and from_small == 23                # half the epoch: the 8 small rows cycle ~3x
+    assert len(order) == 40 and from_small == 20                # half the epoch: the 8 small rows cycle 2.5x
+    per_stream = np.isin(order.reshape(5, 2, 4), index.dataset_rows[1]).sum(axis=(0, 2))
+    assert per_stream.tolist() == [10, 10]                      # and half of every stream
+
+
+def test_planned_reader_reads_each_row_group_once_per_worker(tmp_path):
+    """A worker's ReadRows, fed its plan block by block, reads each of its row groups once and
+    returns exactly the planned rows; reading the same rows call by call reads far more."""
+    root = make_dataset(str(tmp_path / "big"), n=256, size=8, shards=4, row_group_size=16)
+    cfg = DataConfig(datasets=[root], batch_size=16, partitions=2, shuffle_rows=64)
+    index = build_index(cfg)
+    spe = steps_per_epoch(index, 16)
+    keys = {}
+    for rank in range(2):
+        plan = worker_rows(index, cfg, 0, spe, rank, 2)
+        reader = ReadRows(index, cfg, plan=(0, spe, rank, 2))
+        out = [reader({"data": np.arange(i, i + 16)}) for i in range(0, len(plan), 16)]   # blocks of 2 steps
+        assert np.array_equal(np.concatenate([o["gid"] for o in out]), plan)
+        keys[rank] = np.concatenate([o["key"] for o in out])
+        own_units = np.unique(index.rows[plan, 2])
+        assert reader.group_reads <= len(own_units) + 2, (reader.group_reads, len(own_units))
+        assert not reader.held                                   # nothing left behind after the plan
+        naive = ReadRows(index, cfg)
+        for i in range(0, len(plan), 8):
+            naive({"data": plan[i:i + 8]})
+        assert naive.group_reads > 2 * reader.group_reads
+    assert len(set(keys[0]) & set(keys[1])) == 0 and len(keys[0]) + len(keys[1]) == spe * 16
 
 
 def test_missing_dataset_or_manifest_is_a_clear_error(tmp_path):
@@ -75,10 +121,13 @@ def test_stages_decode_crop_and_count_a_corrupt_image(squares):
     index = build_index(cfg)
     gids = np.arange(8)                                        # rows 0..8 minus the failed row 3: includes corrupt row 5
     out = DecodeCrop(16)(ReadRows(index, cfg)({"data": gids}))
-    assert out["image"].shape == (8, 3, 16, 16) and out["image"].dtype == np.float32
-    assert out["image"].min() >= -1 and out["image"].max() <= 1
+    assert out["image"].shape == (8, 16, 16, 3) and out["image"].dtype == np.uint8      # HWC uint8, as decoded
+    assert (out["image"][out["valid"]].max(axis=(1, 2, 3)) > 100).all()      # bright squares on grey
+    x = to_model_range(torch.from_numpy(out["image"]))                     # what the train step does on its device
+    assert x.shape == (8, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), out["image"][0, 0, 0] / 127.5 - 1, atol=1e-6)
     bad = [k for k, v in zip(out["key"], out["valid"]) if not v]
     assert bad == ["000005"]
     data, caption = square_png(0, 16)
     ok = DecodeCrop(8)({"key": np.array(["k"]), "image": np.array([data], dtype=object), "caption": np.array([caption])})
-    assert ok["valid"].all() and ok["image"].shape == (1, 3, 8, 8)
+    assert ok["valid"].all() and ok["image"].shape == (1, 8, 8, 3)
