@@ -282,7 +282,8 @@ def generate_images(cfg: GenerateConfig) -> dict[str, Any]:
         ray = ensure_ray()
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
         ds = ds.map_batches(SampleShard, fn_constructor_kwargs={"cfg": config_lib.to_dict(cfg), "digest": digest},
-                            batch_size=1, concurrency=cfg.concurrency, num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus)
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+                            num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus)
         generated = int(sum(r["rows"] for r in ds.take_all()))
     seconds = time.perf_counter() - t0
     entries = [manifest_lib.shard_entry(cfg.out, storage.join(cfg.out, shard_name(s["shard"])), len(s["index"])) for s in shards]
