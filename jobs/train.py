@@ -397,8 +397,12 @@ def main(cfg: TrainConfig):
                                       "AWS_REGION", "AWS_DEFAULT_REGION") if k in os.environ}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    # Ray Train patches print() in workers to also log each line, which shows every console line
+    # twice on the driver; the workers' prints already reach it through Ray's log forwarding.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"))
     print(f"[train] {cfg.name}: {index.num_rows} usable rows in {len(index.shards)} shards, "
-          f"{spe} steps/epoch at global batch {G}, {W} workers, ZeRO-{cfg.optim.zero_stage}, "
+          f"{spe} steps/epoch at global batch {G}, {W} workers, {cfg.data.partitions or 'one per worker'} data partitions, "
+          f"ZeRO-{cfg.optim.zero_stage}, "
           f"{cfg.optim.steps} steps -> {storage.join(cfg.storage_path, cfg.name)}", flush=True)
     trainer = TorchTrainer(
         train_loop,
