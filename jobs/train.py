@@ -230,8 +230,8 @@ def train_loop(loop_config: dict) -> None:
         recorded = st.get("order", {})
         if not cfg.data.partitions and recorded.get("partitions"):
             cfg.data.partitions = recorded["partitions"]                 # auto: keep the first run's streams
-        data_cfg = with_partitions(cfg.data, world)
-        changed = {k: (v, order_settings(data_cfg)[k]) for k, v in recorded.items() if order_settings(data_cfg).get(k) != v}
+        now = order_settings(with_partitions(cfg.data, world))
+        changed = {k: (v, now.get(k)) for k, v in recorded.items() if now.get(k) != v}
         if changed:
             raise ValueError("checkpoint's sample order was made with different settings (checkpoint, config): "
                              + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in changed.items())

@@ -327,10 +327,8 @@ def decode_crop(data: bytes, size: int) -> np.ndarray:
 
 
 def to_model_range(images):
-    """uint8 images [..., H, W, 3] (numpy or torch) -> float [..., 3, H, W] in [-1, 1], the
-    denoiser's layout and range. On a GPU this runs after the (4x smaller) uint8 copy."""
-    if isinstance(images, np.ndarray):
-        return np.moveaxis(images, -1, -3) / 127.5 - 1.0
+    """uint8 torch images [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1], the denoiser's
+    layout and range. On a GPU this runs after the (4x smaller) uint8 copy."""
     return images.movedim(-1, -3) / 127.5 - 1.0
 
 

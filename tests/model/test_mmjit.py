@@ -28,6 +28,14 @@ def randomize_output(net):
     torch.nn.init.normal_(net.final.weight, std=0.02)
 
 
+def live_debug_net(attn_mask: bool):
+    """The debug preset with 8 text positions and a non-zero output layer, and its inputs."""
+    cfg = preset("debug", text_length=8, attn_mask=attn_mask)
+    net = MMJiT(cfg).eval()
+    randomize_output(net)
+    return net, *inputs(cfg)
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_shapes_every_preset(name):
     cfg = small(name)
@@ -47,10 +55,7 @@ def test_output_exactly_zero_at_init():
 @pytest.mark.parametrize("attn_mask", [False, True])
 def test_padded_text_positions_do_not_change_the_image(attn_mask):
     """Padded features never reach the network (the mask token replaces them), masked or not."""
-    cfg = preset("debug", text_length=8, attn_mask=attn_mask)
-    net = MMJiT(cfg).eval()
-    randomize_output(net)
-    x, text, mask = inputs(cfg)
+    net, x, text, mask = live_debug_net(attn_mask)
     out = net(x, text, mask)
     text2 = text.clone()
     text2[~mask] = torch.randn_like(text2[~mask]) * 100
@@ -63,10 +68,7 @@ def test_padded_text_positions_do_not_change_the_image(attn_mask):
 
 @pytest.mark.parametrize("attn_mask", [False, True])
 def test_dropped_caption_is_finite_and_ignores_text(attn_mask):
-    cfg = preset("debug", text_length=8, attn_mask=attn_mask)
-    net = MMJiT(cfg).eval()
-    randomize_output(net)
-    x, text, _ = inputs(cfg)
+    net, x, text, _ = live_debug_net(attn_mask)
     empty = torch.zeros(2, 8, dtype=torch.bool)
     a = net(x, text, empty)
     b = net(x, torch.randn_like(text), empty)
@@ -78,10 +80,7 @@ def test_unmasked_attention_sees_the_mask_tokens_as_minit2i_does():
     mask tokens, so the padding length matters; with attn_mask=True it does not."""
     same = {}
     for attn_mask in (False, True):
-        cfg = preset("debug", text_length=8, attn_mask=attn_mask)
-        net = MMJiT(cfg).eval()
-        randomize_output(net)
-        x, text, _ = inputs(cfg)
+        net, x, text, _ = live_debug_net(attn_mask)
         valid = torch.zeros(2, 8, dtype=torch.bool)
         valid[:, :3] = True                                     # 3 real tokens, then 5 padded ...
         long = net(x, text, valid)
