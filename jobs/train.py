@@ -296,7 +296,7 @@ def train_loop(loop_config: dict) -> None:
         out = step_fn(step, batch["image"], text, mask, positions, batch["valid"])
         skipped += (~batch["valid"]).sum()
         if keys_file:
-            keys_file.write(json.dumps({"step": step, "rank": rank, "world": world, "keys": batch["key"],
+            keys_file.write(json.dumps({"step": step, "rank": rank, "world": world, "pid": os.getpid(), "keys": batch["key"],
                                         "valid": batch["valid"].tolist(), "loss": out["loss"].item()}) + "\n")
             keys_file.flush()
         done = step + 1
