@@ -197,16 +197,19 @@ class DoubleStreamBlock(nn.Module):
         self.text = StreamWeights(cfg)
         self.num_heads = cfg.num_heads
 
-    def forward(self, img, txt, cos, sin, key_mask):
+    def forward(self, img, txt, cos, sin, key_mask, update_text: bool = True):
+        """update_text=False in the last block: nothing reads its text output, so its text out-proj
+        and MLP are skipped (their weights stay, unused, as in MiniT2I's parameter layout)."""
         L = txt.shape[1]
         qkv = torch.cat([self.text.qkv(rms_norm(txt)), self.image.qkv(rms_norm(img))], dim=1)  # [B, S, 3D]
         q, k, v = split_heads(qkv, self.num_heads)                            # [B, H, S, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention(q, k, v, key_mask)                                    # [B, S, D]
-        txt = txt + self.text.proj(out[:, :L])                                # [B, L, D]
         img = img + self.image.proj(out[:, L:])                               # [B, N, D]
-        txt = txt + self.text.mlp(rms_norm(txt))
         img = img + self.image.mlp(rms_norm(img))
+        if update_text:
+            txt = txt + self.text.proj(out[:, :L])                            # [B, L, D]
+            txt = txt + self.text.mlp(rms_norm(txt))
         return img, txt
 
 
@@ -293,8 +296,8 @@ class MMJiT(nn.Module):
 
         cos = torch.cat([cos_t, self.rope_image[0]])                      # [S, Dh]
         sin = torch.cat([sin_t, self.rope_image[1]])
-        for block in self.blocks:
-            img, txt = block(img, txt, cos, sin, keys)
+        for i, block in enumerate(self.blocks):
+            img, txt = block(img, txt, cos, sin, keys, update_text=i < len(self.blocks) - 1)
 
         out = self.final(rms_norm(img))                                   # [B, N, P*P*C]
         return self.unpatchify(out)                                       # [B, C, H, W]
@@ -313,8 +316,9 @@ def count_params(cfg: MMJiTConfig) -> int:
 def forward_flops(cfg: MMJiTConfig, text_len: int | None = None) -> dict[str, float]:
     """Analytic FLOPs of one forward pass for one image (2 FLOPs per multiply-add).
 
-    Counts every matmul and the attention products; norms, RoPE and activations are left out
-    (well under 1%). Training costs ~3x this per image (forward + backward).
+    Counts every matmul and the attention products that reach the output (the last block's text
+    out-proj and MLP are skipped); norms, RoPE and activations are left out (well under 1%).
+    Training costs ~3x this per image (forward + backward).
     """
     L = cfg.text_length if text_len is None else text_len
     N, D, F_ = cfg.num_patches, cfg.width, cfg.mlp_hidden
@@ -325,7 +329,7 @@ def forward_flops(cfg: MMJiTConfig, text_len: int | None = None) -> dict[str, fl
         "patch_embed": 2 * N * (cfg.patch_size ** 2 * cfg.in_channels * cfg.bottleneck + cfg.bottleneck * D),
         "text_embed": 2 * L * cfg.text_dim * D,
         "text_blocks": cfg.text_depth * (L * per_token + attn(L)),
-        "joint_blocks": cfg.depth * (S * per_token + attn(S)),
+        "joint_blocks": cfg.depth * (S * per_token + attn(S)) - L * 2 * (D * D + 3 * D * F_),
         "final": 2 * N * D * cfg.patch_size ** 2 * cfg.in_channels,
     }
     flops["total"] = sum(flops.values())

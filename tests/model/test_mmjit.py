@@ -52,6 +52,17 @@ def test_output_exactly_zero_at_init():
     assert torch.count_nonzero(MMJiT(cfg)(x, text, mask)) == 0
 
 
+def test_every_weight_but_the_last_blocks_text_update_gets_a_gradient():
+    # The last joint block's text output reaches nothing: its out-proj and MLP are skipped (the
+    # weights stay, as in MiniT2I's layout). Everything else must learn.
+    net, x, text, mask = live_debug_net(False)
+    net(x, text, mask).square().mean().backward()
+    last = len(net.blocks) - 1
+    idle = {n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()}
+    assert idle == {n for n, _ in net.named_parameters()
+                    if n.startswith((f"blocks.{last}.text.proj.", f"blocks.{last}.text.mlp."))}
+
+
 @pytest.mark.parametrize("attn_mask", [False, True])
 def test_padded_text_positions_do_not_change_the_image(attn_mask):
     """Padded features never reach the network (the mask token replaces them), masked or not."""
@@ -129,7 +140,7 @@ def test_flops_match_a_hand_count():
     cfg = preset("B/16", text_dim=1024)
     f = forward_flops(cfg)
     D, S, Fh = 768, 1280, 2048
-    joint = 17 * (S * 2 * (4 * D * D + 3 * D * Fh) + 4 * S * S * D)
+    joint = 17 * (S * 2 * (4 * D * D + 3 * D * Fh) + 4 * S * S * D) - 256 * 2 * (D * D + 3 * D * Fh)  # last block: no text update
     assert f["joint_blocks"] == joint
     assert 395e9 < f["total"] < 410e9          # CONTEXT.md: ~400 GFLOPs for the B/16 denoiser
 
