@@ -1,0 +1,106 @@
+"""The Ray-free training step: DeepSpeed engine from our config, compiled or eager.
+
+Runs in a child process: the one-process gloo group and DeepSpeed's engine state stay out of the
+pytest process that the Ray tests share.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue as queue_lib
+import time
+
+import pytest
+import torch
+
+from jobs.train_step import OptimConfig, resolve_compile
+
+
+def _steps(compile_: bool, stage: int, queue) -> None:
+    import torch
+
+    from jobs.train_step import OptimConfig, TrainStep, build_engine, full_state
+    from model.denoiser import DenoiserConfig
+    from model.mmjit import MMJiT, preset
+
+    torch.manual_seed(0)
+    cfg = preset("debug", depth=2)
+    weights = MMJiT(cfg).state_dict()
+    torch.nn.init.normal_(weights["final.weight"], std=0.02)      # a non-zero output, so every weight gets a gradient
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, steps=3, zero_stage=stage, compile=compile_)
+    engine, precision = build_engine(cfg, optim, 4, torch.device("cpu"), weights)
+    step = TrainStep(engine, precision, DenoiserConfig(), optim, None, seed=0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (4, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8, generator=g)
+    text = torch.randn(4, cfg.text_length, cfg.text_dim, generator=g)
+    mask = torch.arange(cfg.text_length)[None] < torch.tensor([[5], [9], [30], [64]])
+    losses = [step(i, x, text, mask, positions=[4 * i + j for j in range(4)])["loss"].item() for i in range(3)]
+    compiled = getattr(engine, "is_compiled", False)
+    weights = {k: v.numpy() for k, v in full_state(engine)[0].items()}   # consolidated fp32 weights
+    queue.put((losses, weights, compiled))
+
+
+def _run(compile_: bool, stage: int):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_steps, args=(compile_, stage, queue))
+    proc.start()
+    deadline = time.monotonic() + 600
+    while True:                                   # a child that dies fails the test now, not at the timeout
+        try:
+            result = queue.get(timeout=2)
+            break
+        except queue_lib.Empty:
+            assert proc.is_alive(), f"training child exited with code {proc.exitcode} before reporting"
+            assert time.monotonic() < deadline, "training child took over 10 minutes"
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    return result
+
+
+def test_compiled_engine_trains_like_the_eager_one():
+    # ZeRO-1 and ZeRO-2 compiled against the eager ZeRO-2 engine (one process: the stages only
+    # differ in how they partition, so the numbers must agree).
+    eager_losses, eager_state, eager_compiled = _run(False, 2)
+    assert not eager_compiled and eager_losses[-1] != eager_losses[0]     # the optimiser really stepped
+    for stage in (1, 2):
+        losses, state, compiled = _run(True, stage)
+        assert compiled                                              # the flag reached DeepSpeed
+        assert state.keys() == eager_state.keys()                    # Module.compile keeps the parameter names
+        assert losses == pytest.approx(eager_losses, rel=1e-4), stage
+        for name, value in state.items():
+            assert abs(value - eager_state[name]).max() < 1e-4, (stage, name)
+
+
+def test_compile_setting_is_checked():
+    assert OptimConfig().compile == "auto"
+    with pytest.raises(ValueError, match="optim.compile must be true, false or auto"):
+        OptimConfig(compile="yes")
+    with pytest.raises(ValueError, match="does not work with optim.zero_stage=3"):
+        OptimConfig(compile=True, zero_stage=3)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")          # devices as values: nothing runs on them
+    assert resolve_compile(OptimConfig(), cuda) and not resolve_compile(OptimConfig(), cpu)
+    assert not resolve_compile(OptimConfig(zero_stage=3), cuda)    # auto: ZeRO-3 runs eager
+    assert resolve_compile(OptimConfig(compile=True), cpu) and not resolve_compile(OptimConfig(compile=False), cuda)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from jobs.train_step import apply_activation_checkpointing
+    from model.mmjit import MMJiT, preset
+
+    torch.manual_seed(0)
+    plain = MMJiT(preset("debug"))
+    torch.nn.init.normal_(plain.final.weight, std=0.02)
+    ckpt = MMJiT(preset("debug"))
+    ckpt.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(ckpt)
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 64, 64, generator=g)
+    mask = torch.arange(64)[None] < torch.tensor([[10], [64]])
+    for net in (plain, ckpt):
+        net(x, text, mask).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-7), name
