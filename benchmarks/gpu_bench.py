@@ -1,13 +1,15 @@
 """GPU measurements that only a GPU can give: B/16 training throughput and MFU at 512px in bf16,
 sampling speed, T5 encoding cost, and VLM recaption throughput.
 
-Ray- and DeepSpeed-free on purpose: it times the same `training_loss` step the Ray Train job runs
-(plain torch, bf16 autocast over fp32 master weights, fused AdamW with beta2 0.95), so it runs on a
-bare GPU box. Weights are random (throughput does not depend on their values); the VLM is built from
+The `train` part is Ray- and DeepSpeed-free on purpose: it times the same `training_loss` step the
+Ray Train job runs (plain torch, bf16 autocast over fp32 master weights, fused AdamW with beta2
+0.95), so it runs on a bare GPU box. The `job` part times the job's own DeepSpeed step (needs
+deepspeed, not Ray). Weights are random (throughput does not depend on their values); the VLM is built from
 a LLaVA-1.5-7B-shaped config with random weights and forced to generate a fixed number of tokens.
 
     python benchmarks/gpu_bench.py --out results.json            # everything, ~5 minutes on an H100
     python benchmarks/gpu_bench.py --only train --batch 32
+    python benchmarks/gpu_bench.py --only job --batch 32          # DeepSpeed ZeRO-2 eager vs compiled, ZeRO-3
 """
 
 from __future__ import annotations
@@ -103,6 +105,45 @@ def bench_train(preset_name: str, batch: int, compile_: bool, steps: int, peak: 
     return out
 
 
+def bench_job_step(batch: int, zero_stage: int, compile_: bool, steps: int, peak: float | None) -> dict:
+    """The job's own step on one GPU: DeepSpeed engine (bf16, ZeRO stage as given, one-process NCCL
+    group), uint8 HWC images scaled on the device, per-sample noise draws, one EMA. Needs deepspeed."""
+    from jobs.train_step import OptimConfig, ShardedEMA, TrainStep, build_engine
+
+    torch.manual_seed(0)
+    cfg = preset("B/16", text_dim=1024, image_size=512)
+    optim = OptimConfig(lr=1e-4, warmup_steps=0, zero_stage=zero_stage, compile=compile_)
+    t0 = time.perf_counter()
+    engine, precision = build_engine(cfg, optim, batch, torch.device("cuda"))
+    ema = ShardedEMA(engine, [0.9999])
+    step_fn = TrainStep(engine, precision, DenoiserConfig(), optim, ema, seed=0)
+    x = torch.randint(0, 256, (batch, 512, 512, 3), dtype=torch.uint8).pin_memory()
+    text, mask = text_inputs(batch, 256, 1024)
+    i = iter(range(1 << 30))
+
+    def step():
+        n = next(i)
+        step_fn(n, x, text, mask, positions=list(range(n * batch, (n + 1) * batch)))
+
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    sec = timed(step, 3, steps)
+    img_s = batch / sec
+    tflops = img_s * 3 * forward_flops(cfg)["total"] / 1e12
+    out = {"what": "job step (DeepSpeed bf16, EMA, per-sample draws)", "batch": batch, "zero_stage": zero_stage,
+           "compile": compile_, "first_step_s": first, "step_s": sec, "img_s": img_s, "model_tflops": tflops,
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+    if peak:
+        out["mfu"] = tflops / peak
+    engine.destroy()
+    del engine, ema, step_fn
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return out
+
+
 def bench_sampling(batch: int, steps: int, sampler: str, compile_: bool) -> dict:
     torch.manual_seed(0)
     cfg = preset("B/16", text_dim=1024, image_size=512)
@@ -168,7 +209,9 @@ def bench_recaption(batch: int, new_tokens: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--only", choices=["matmul", "train", "sample", "t5", "recaption"], action="append")
+    p.add_argument("--only", choices=["matmul", "train", "job", "sample", "t5", "recaption"], action="append")
+    p.add_argument("--job", nargs="+", default=["2:eager", "2:compile", "3:eager"],
+                   help="job-step setups as ZERO_STAGE:eager|compile (needs deepspeed)")
     p.add_argument("--batch", type=int, nargs="+", default=[16, 32])
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--weights", nargs="+", default=["fp32"], choices=["fp32", "bf16"], help="weight dtypes to time")
@@ -182,7 +225,7 @@ def main() -> int:
     name = torch.cuda.get_device_name()
     peak = peak_for(name)
     results: dict = {"device": name, "torch": torch.__version__, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d")}
-    todo = args.only or ["matmul", "train", "sample", "t5", "recaption"]
+    todo = args.only or ["matmul", "train", "job", "sample", "t5", "recaption"]
 
     def attempt(key, fn):
         try:
@@ -201,6 +244,11 @@ def main() -> int:
             for w in args.weights:
                 for b in args.batch:
                     attempt("train", lambda: bench_train("B/16", b, compile_, args.steps, peak, w))
+    if "job" in todo:
+        for setup in args.job:
+            stage, mode = setup.split(":")
+            for b in args.batch:
+                attempt("job", lambda: bench_job_step(b, int(stage), mode == "compile", args.steps, peak))
     if "sample" in todo:
         attempt("sample", lambda: bench_sampling(16, 20, "heun", True))
     if "t5" in todo:
@@ -219,6 +267,13 @@ def main() -> int:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         print(f"{'':<20}{r.get('weights', 'fp32'):>8}{r['batch']:>6}{str(r['compile']):>8}{r['img_s']:>9.1f}{r['model_tflops']:>9.1f}{mfu:>7}{r['peak_mem_gb']:>8.1f}")
+    for r in results.get("job", []):
+        if "error" in r:
+            print("  job step error:", r["error"])
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        print(f"{'job step, ZeRO-' + str(r['zero_stage']):<20}{'bf16':>8}{r['batch']:>6}{str(r['compile']):>8}{r['img_s']:>9.1f}"
+              f"{r['model_tflops']:>9.1f}{mfu:>7}{r['peak_mem_gb']:>8.1f}   first step {r['first_step_s']:.0f} s")
     for key in ("sample", "t5", "recaption"):
         for r in results.get(key, []):
             print(key, r)
