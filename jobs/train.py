@@ -55,6 +55,7 @@ class LoggingSection:
     tensorboard: bool = True
     wandb_project: str | None = None     # logs to W&B too when set (needs wandb installed)
     mlflow_tracking_uri: str | None = None   # logs to MLflow too when set (needs mlflow installed)
+    mlflow_experiment: str = "minit2i"
     sample_every: int = 0                # steps between sample grids (0 = never)
     sample_steps: int = 20               # sampler steps for those grids
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two blue squares", "a green triangle", "three yellow circles"])
@@ -152,33 +153,87 @@ def write_checkpoint(path: str, weights, moments, emas, state: dict, cfg: TrainC
 # --------------------------------------------------------------------------------------------
 
 class Logger:
-    """Console + TensorBoard (+ W&B / MLflow when configured). Only rank 0 makes one."""
+    """Console + TensorBoard (+ W&B / MLflow when configured). Only rank 0 makes one.
 
-    def __init__(self, cfg: TrainConfig, log_dir: str):
-        self.sinks = []
+    A run keeps one identity in every tracker across restarts and re-runs of the same command:
+    `run_id` (a hash of where its checkpoints live) is the W&B run id (resume="allow") and an MLflow
+    tag that finds the run again. TensorBoard purges the events after `start_step` that a failed
+    attempt wrote, so a step re-done after a restart shows once.
+    """
+
+    def __init__(self, cfg: TrainConfig, log_dir: str, run_id: str, start_step: int):
+        self.sinks, self.closers, self.failed = [], [], set()
         os.makedirs(log_dir, exist_ok=True)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(log_dir)
+            # Logged steps count steps done: a resume at step s keeps s and redoes s+1 onwards.
+            tb = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
             self.sinks.append(lambda m, s: [tb.add_scalar(k, v, s) for k, v in m.items()] and tb.flush())
+            self.closers.append(tb.close)
         if cfg.logging.wandb_project:
-            import wandb  # optional dependency
+            require_tracker("wandb", "wandb_project")
+            import wandb
 
-            run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, config=config_lib.to_dict(cfg), resume="allow")
+            run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, id=run_id, resume="allow", dir=log_dir,
+                             config=config_lib.to_dict(cfg))
             self.sinks.append(lambda m, s: run.log(m, step=s))
+            self.closers.append(run.finish)
         if cfg.logging.mlflow_tracking_uri:
-            import mlflow  # optional dependency
+            require_tracker("mlflow", "mlflow_tracking_uri")
+            import mlflow
 
             mlflow.set_tracking_uri(cfg.logging.mlflow_tracking_uri)
-            mlflow.start_run(run_name=cfg.name)
+            mlflow.set_experiment(cfg.logging.mlflow_experiment)
+            found = mlflow.search_runs(filter_string=f"tags.`minit2i.run_id` = '{run_id}'", max_results=1, output_format="list")
+            if found:
+                mlflow.start_run(run_id=found[0].info.run_id)
+            else:
+                mlflow.start_run(run_name=cfg.name, tags={"minit2i.run_id": run_id})
+                mlflow.log_params(flat_params(config_lib.to_dict(cfg)))    # once: MLflow params cannot change
             self.sinks.append(lambda m, s: mlflow.log_metrics(m, step=s))
+            self.closers.append(mlflow.end_run)
 
     def log(self, metrics: dict[str, float], step: int, total: int) -> None:
         parts = [f"{k} {v:.4g}" for k, v in metrics.items()]
         print(f"[train] step {step}/{total}  " + "  ".join(parts), flush=True)
-        for sink in self.sinks:
-            sink(metrics, step)
+        for i, sink in enumerate(self.sinks):
+            try:
+                sink(metrics, step)
+            except Exception as err:  # noqa: BLE001 - a tracker outage must not end a long run
+                if i not in self.failed:
+                    print(f"[train] warning: a metrics sink failed at step {step} ({type(err).__name__}: {err}); "
+                          "training goes on, the console and the other sinks keep logging", flush=True)
+                self.failed.add(i)
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+
+
+def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: dotted keys, string values."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+def require_tracker(module: str, key: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"logging.{key} is set but {module} is not installed here (pip install {module})")
+
+
+def run_id(storage_path: str, name: str) -> str:
+    """The run's identity in the trackers: the same for every run of the same storage_path and name."""
+    import hashlib
+
+    return hashlib.sha256(storage.join(storage_path, name).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +316,7 @@ def train_loop(loop_config: dict) -> None:
     del resumed, weights
 
     log_dir = cfg.logging.dir
-    logger = Logger(cfg, log_dir) if rank == 0 else None
+    logger = Logger(cfg, log_dir, loop_config["run_id"], start_step) if rank == 0 else None
     from model.mmjit import forward_flops
 
     train_flops = 3 * forward_flops(model_cfg)["total"]            # forward + backward per image
@@ -326,6 +381,8 @@ def train_loop(loop_config: dict) -> None:
             break
     if keys_file:
         keys_file.close()
+    if logger:
+        logger.close()
 
 
 def sample_grid(cfg: TrainConfig, engine, ema, encoder, model_cfg, step: int, rank: int, log_dir: str) -> None:
@@ -383,11 +440,16 @@ def main(cfg: TrainConfig):
     cfg.logging.dir = os.path.abspath(cfg.logging.dir)
     if cfg.logging.trace_dir:
         cfg.logging.trace_dir = os.path.abspath(cfg.logging.trace_dir)
+    for key, module in (("wandb_project", "wandb"), ("mlflow_tracking_uri", "mlflow")):
+        if getattr(cfg.logging, key):
+            require_tracker(module, key)
 
     if storage.is_s3(cfg.storage_path):
         storage_path, storage_fs = cfg.storage_path[len("s3://"):], storage.s3_filesystem()
+        rid = run_id(cfg.storage_path, cfg.name)
     else:
         storage_path, storage_fs = os.path.abspath(cfg.storage_path), None
+        rid = run_id(storage_path, cfg.name)
 
     from jobs.ray_init import init_ray
 
@@ -395,6 +457,8 @@ def main(cfg: TrainConfig):
     env = {k: os.environ[k] for k in ("PYTHONPATH", "MINIT2I_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                                       "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_REGION", "AWS_DEFAULT_REGION") if k in os.environ}
+    # The trackers' own settings (offline mode, API keys, telemetry opt-outs) reach rank 0 too.
+    env.update({k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "MLFLOW_")) or k == "DO_NOT_TRACK"})
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     # Ray Train patches print() in workers to also log each line, which shows every console line
@@ -406,7 +470,7 @@ def main(cfg: TrainConfig):
           f"{cfg.optim.steps} steps -> {storage.join(cfg.storage_path, cfg.name)}", flush=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": config_lib.to_dict(cfg), "index": index},
+        train_loop_config={"cfg": config_lib.to_dict(cfg), "index": index, "run_id": rid},
         scaling_config=ScalingConfig(num_workers=W, use_gpu=cfg.scaling.use_gpu, placement_strategy=cfg.scaling.placement_strategy,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),

@@ -22,6 +22,11 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Experiment trackers stay local: W&B offline, no usage telemetry from MLflow or anything honouring DO_NOT_TRACK.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 # Every Ray socket of the tests stays on loopback: Ray replaces 127.0.0.1 with the machine's outward
 # address, so the session instance (and every job a test starts) is pinned to 127.0.0.3.
 os.environ.setdefault("MINIT2I_RAY_NODE_IP", "127.0.0.3")

@@ -20,11 +20,11 @@ from ray.train import TrainingFailedError
 from safetensors.torch import load_file
 
 from jobs import config as config_lib
-from jobs.train import TrainConfig, main
+from jobs.train import TrainConfig, main, run_id
 from jobs.train_data import DataConfig, build_index, epoch_order, steps_per_epoch
 from pipelines import storage
 from tests.conftest import ROOT, run_cli
-from tests.jobs.train_fixtures import make_dataset
+from tests.jobs.train_fixtures import make_dataset, wandb_offline_history
 
 G = 8  # global batch in every run
 
@@ -79,11 +79,20 @@ def assert_no_repeats_no_gaps(data: str, steps: dict, total: int) -> None:
     assert seen == expected_keys(data, range(total))
 
 
+def tensorboard_steps(log_dir: Path, tag: str = "loss") -> list[int]:
+    """The steps TensorBoard shows for `tag` (its reader applies the writers' purges)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
 def latest(run_dir: Path) -> Path:
     return max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: json.loads((p / "train_state.json").read_text())["step"])
 
 
-def test_zero2_zero3_match_one_worker_learn_and_resume_across_world_sizes(ray_session, squares, tmp_path, s3_server):
+def test_zero2_zero3_match_one_worker_learn_and_resume_across_world_sizes(ray_session, squares, tmp_path, s3_server, monkeypatch):
     # Reference: 1 worker, checkpoints to S3 (moto on loopback).
     # (partitions=2: the sample order of the 2-worker runs, whose default is one stream per worker.)
     ref = tiny(tmp_path, squares, "ref", "scaling.num_workers=1", "data.partitions=2", "optim.steps=3",
@@ -93,9 +102,15 @@ def test_zero2_zero3_match_one_worker_learn_and_resume_across_world_sizes(ray_se
     s3_ckpts = [p for p in storage.list_files("s3://test-bucket/runs/ref", recursive=True) if p.endswith("train_state.json")]
     assert s3_ckpts and json.loads(storage.read_bytes(s3_ckpts[-1]))["step"] == 3
 
+    # The ZeRO-2 run also logs to W&B (offline files) and MLflow (a local store) through every re-run.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow_uri = (tmp_path / "mlruns").as_uri()
+    track = ["logging.wandb_project=minit2i-test", f"logging.mlflow_tracking_uri={mlflow_uri}"]
     for stage in (2, 3):
         name = f"zero{stage}"
-        result = main(tiny(tmp_path, squares, name, "scaling.num_workers=2", f"optim.zero_stage={stage}", "optim.steps=16"))
+        result = main(tiny(tmp_path, squares, name, "scaling.num_workers=2", f"optim.zero_stage={stage}", "optim.steps=16",
+                           *(track if stage == 2 else [])))
         assert result.error is None
         steps = trace(tmp_path / "trace" / name)
         losses = step_losses(steps)
@@ -116,16 +131,33 @@ def test_zero2_zero3_match_one_worker_learn_and_resume_across_world_sizes(ray_se
 
     # Stop and re-run the same command with more steps: it resumes at 16; then 1 worker takes over
     # (keeping the checkpoint's 2 streams); a different explicit order setting is refused.
-    assert main(tiny(tmp_path, squares, "zero2", "scaling.num_workers=2", "optim.zero_stage=2", "optim.steps=20")).error is None
+    assert main(tiny(tmp_path, squares, "zero2", "scaling.num_workers=2", "optim.zero_stage=2", "optim.steps=20", *track)).error is None
     with pytest.raises(TrainingFailedError, match="shuffle_rows 1024 vs 4"):
-        main(tiny(tmp_path, squares, "zero2", "scaling.num_workers=1", "data.shuffle_rows=4", "optim.steps=24"))
-    assert main(tiny(tmp_path, squares, "zero2", "scaling.num_workers=1", "optim.zero_stage=2", "optim.steps=24")).error is None
+        main(tiny(tmp_path, squares, "zero2", "scaling.num_workers=1", "data.shuffle_rows=4", "optim.steps=24", *track))
+    assert main(tiny(tmp_path, squares, "zero2", "scaling.num_workers=1", "optim.zero_stage=2", "optim.steps=24", *track)).error is None
     steps = trace(tmp_path / "trace" / "zero2")
     assert_no_repeats_no_gaps(squares, steps, 24)
     assert {steps[s][0]["world"] for s in range(16, 20)} == {2} and {steps[s][0]["world"] for s in range(20, 24)} == {1}
     final = latest(tmp_path / "runs" / "zero2")
     assert json.loads((final / "train_state.json").read_text())["step"] == 24
     assert np.mean(step_losses(steps)[-4:]) < 0.7 * np.mean(step_losses(steps)[:4])
+
+    # Each tracker holds one run for the three runs of the command, with every logged step once.
+    logged = list(range(4, 25, 4))
+    rid = run_id(str(tmp_path / "runs"), "zero2")
+    assert tensorboard_steps(tmp_path / "logs" / "zero2") == logged
+    segments = [wandb_offline_history(str(f)) for f in (tmp_path / "logs" / "zero2" / "wandb").glob("offline-run-*/run-*.wandb")]
+    assert len(segments) == 3 and {r for r, _ in segments} == {rid}
+    wandb_loss = {row["_step"]: row["loss"] for _, rows in segments for row in rows}
+    assert sorted(wandb_loss) == logged
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("minit2i").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["minit2i.run_id"] == rid
+    assert runs[0].data.params["optim.zero_stage"] == "2" and runs[0].data.params["data.batch_size"] == str(G)
+    history = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+    assert sorted(history) == logged and all(history[s] == pytest.approx(wandb_loss[s]) for s in logged)
 
     # The checkpoint samples without DeepSpeed.
     proc = run_cli("sample", "--checkpoint", final, "--steps", "2", "--sampler", "euler", "--out", tmp_path / "grid.png")
@@ -159,8 +191,9 @@ def two_node_cluster():
 
 def test_two_node_cluster_survives_a_killed_worker(tmp_path, squares, two_node_cluster):
     trace_dir = tmp_path / "trace"
+    total = 32          # long enough that the kill lands mid-run after the first checkpoint registers
     overrides = [f"name=kill", f"storage_path={tmp_path / 'runs'}", f"data.datasets=[{squares}]", f"data.batch_size={G}",
-                 "model.overrides={depth: 1, image_size: 16}", "text_encoder.prompt_length=16", "optim.steps=12",
+                 "model.overrides={depth: 1, image_size: 16}", "text_encoder.prompt_length=16", f"optim.steps={total}",
                  "checkpoint.every=4", "logging.every=4", "logging.sample_every=0", "scaling.num_workers=2",
                  "scaling.placement_strategy=SPREAD", "scaling.max_failures=2", f"logging.trace_dir={trace_dir}",
                  f"logging.dir={tmp_path / 'logs'}"]
@@ -180,7 +213,7 @@ def test_two_node_cluster_survives_a_killed_worker(tmp_path, squares, two_node_c
         first = {r: json.loads((trace_dir / f"pid-rank{r}.txt").read_text()) for r in (0, 1)}
         assert first[0]["node"] != first[1]["node"], "workers should land on both nodes"
         killed_at = max(trace(trace_dir))
-        assert killed_at < 11, "the run finished before the kill"
+        assert killed_at < total - 1, "the run finished before the kill"
         os.kill(first[1]["pid"], signal.SIGKILL)
         out, _ = job.communicate(timeout=500)
     finally:
@@ -189,13 +222,40 @@ def test_two_node_cluster_survives_a_killed_worker(tmp_path, squares, two_node_c
     assert job.returncode == 0, out
     after = json.loads((trace_dir / "pid-rank1.txt").read_text())
     assert after["pid"] != first[1]["pid"], "a new worker group took over"
-    # The restarted group went back to the last checkpoint (step 4 or 8) and re-did the steps after it.
+    # The restarted group went back to the last checkpoint (a multiple of 4) and re-did the steps after it.
     # (Found by the process that logged each step: a kill right after a checkpoint re-does no step.)
     entries = [json.loads(line) for line in (trace_dir / "keys-rank0.jsonl").read_text().splitlines()]
     logged = [e["step"] for e in entries]
     restart = next(i for i in range(1, len(entries)) if entries[i]["pid"] != entries[i - 1]["pid"])
-    assert logged[restart] in (4, 8) and logged[restart] <= killed_at + 1
+    assert logged[restart] % 4 == 0 and 4 <= logged[restart] <= killed_at + 1
     steps = trace(trace_dir)
-    assert_no_repeats_no_gaps(squares, steps, 12)
+    assert_no_repeats_no_gaps(squares, steps, total)
     state = json.loads((latest(tmp_path / "runs" / "kill") / "train_state.json").read_text())
-    assert state["step"] == 12 and state["samples"] == 12 * G
+    assert state["step"] == total and state["samples"] == total * G
+    # TensorBoard shows each logged step once: the restart purged what the failed attempt wrote after its checkpoint.
+    assert tensorboard_steps(tmp_path / "logs") == list(range(4, total + 1, 4))
+
+
+def test_logger_survives_a_failing_tracker_and_names_a_missing_one(tmp_path, capsys):
+    from jobs.train import Logger, flat_params, require_tracker
+
+    cfg = tiny(tmp_path, "unused", "log")
+    logger = Logger(cfg, str(tmp_path / "tb"), run_id("runs", "log"), start_step=0)
+    calls = []
+
+    def down(metrics, step):                # a tracking server that went away mid-run
+        calls.append(step)
+        raise ConnectionError("tracking server unreachable")
+
+    logger.sinks.append(down)
+    for step in (4, 8):
+        logger.log({"loss": 1.0 / step}, step, 8)
+    logger.close()
+    out = capsys.readouterr().out
+    assert calls == [4, 8] and out.count("a metrics sink failed at step 4") == 1 and "step 8/8" in out
+    assert tensorboard_steps(tmp_path / "tb") == [4, 8]
+    with pytest.raises(ValueError, match="logging.wandb_project is set but no_such_tracker is not installed"):
+        require_tracker("no_such_tracker", "wandb_project")
+    params = flat_params(config_lib.to_dict(cfg))
+    assert params["optim.zero_stage"] == "2" and json.loads(params["ema.decays"]) == [0.0, 0.999]
+    assert run_id("s3://b/runs", "x") == run_id("s3://b/runs", "x") != run_id("s3://b/runs", "y")

@@ -74,3 +74,40 @@ def make_dataset(root: str, n: int = 64, size: int = 32, shards: int = 4, prefix
                                 shards=entries, stats={"rows": n, "failed": len(failed)})
     manifest_lib.write(root, man)
     return root
+
+
+def wandb_offline_history(run_file: str) -> tuple[str, list[dict]]:
+    """(run id, history rows) of an offline W&B run file (`run-<id>.wandb`).
+
+    wandb >= 0.20 reads these only in its Go core, so this reads the file here: a 7-byte header
+    (":W&B", magic, version), then LevelDB's log format (32 KiB blocks of records with a 7-byte
+    header: crc32, length, type FULL/FIRST/MIDDLE/LAST) whose payloads are `Record` protobufs.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(run_file, "rb").read()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    block, pos, payload, run, rows = 32768, 7, b"", None, []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:                        # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:                      # zero-filled rest of a block
+            pos += block - pos % block
+            continue
+        payload += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):                                 # FULL or LAST: one record complete
+            record = pb.Record()
+            record.ParseFromString(payload)
+            payload = b""
+            which = record.WhichOneof("record_type")
+            if which == "run":
+                run = record.run.run_id
+            elif which == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return run, rows
