@@ -73,18 +73,28 @@ class DataConfig:
 
 @dataclass
 class Index:
-    """Every usable row of the run's datasets, as (shard, row-in-shard, row group) triples."""
+    """Every usable row of the run's datasets, as (shard, row-in-shard, row group) triples.
+
+    It travels to every train worker and reader actor, so it is kept small: int32 triples (12 bytes
+    a row, ~120 MB for CC12M's 10M rows) and each dataset's rows as one contiguous range of global
+    row ids. Global row ids (positions in the order) stay int64.
+    """
     shards: list[str]              # shard URIs; position = shard id
     shard_dataset: np.ndarray      # [num_shards] dataset id of each shard
-    rows: np.ndarray               # [R, 3] int64: (shard id, row within the shard, unit id), grouped by dataset
+    rows: np.ndarray               # [R, 3] int32: (shard id, row within the shard, unit id), grouped by dataset
     units: np.ndarray              # [U, 3] int64: (shard id, row group, first row of the group in the shard)
-    dataset_rows: list[np.ndarray] # per dataset: global row ids into `rows`
+    dataset_starts: np.ndarray     # [num_datasets + 1] int64: dataset d's global row ids are [starts[d], starts[d+1])
     weights: np.ndarray            # [num_datasets] normalised mix weights
     fingerprint: str               # hash of the manifests' shard digests and the weights
 
     @property
     def num_rows(self) -> int:
         return len(self.rows)
+
+    @property
+    def dataset_rows(self) -> list[np.ndarray]:
+        """Per dataset: its global row ids (made on demand)."""
+        return [np.arange(a, b, dtype=np.int64) for a, b in zip(self.dataset_starts[:-1], self.dataset_starts[1:])]
 
 
 def _usable_rows(uri: str, expected: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +119,9 @@ def _usable_rows(uri: str, expected: int | None) -> tuple[np.ndarray, np.ndarray
     return np.arange(n), starts
 
 
+INT32_MAX = np.iinfo(np.int32).max
+
+
 def build_index(cfg: DataConfig) -> Index:
     """Read the manifests (a missing one is a clear error) and list the usable rows."""
     if not cfg.datasets:
@@ -117,9 +130,9 @@ def build_index(cfg: DataConfig) -> Index:
         raise ValueError(f"data.weights has {len(cfg.weights)} entries for {len(cfg.datasets)} datasets")
     import hashlib
 
-    shards, shard_dataset, rows, units, dataset_rows = [], [], [], [], []
+    shards, shard_dataset, rows, units, dataset_starts = [], [], [], [], [0]
     h = hashlib.sha256()
-    start = 0
+    num_units = 0
     for d, root in enumerate(cfg.datasets):
         if not storage.exists(root):
             raise FileNotFoundError(f"training dataset {root} does not exist")
@@ -134,23 +147,24 @@ def build_index(cfg: DataConfig) -> Index:
             shards.append(uri)
             shard_dataset.append(d)
             group = np.searchsorted(starts, usable, side="right") - 1                 # row group of each usable row
-            first_unit = sum(len(u) for u in units)
+            first_unit, num_units = num_units, num_units + len(starts)
+            if max(sid, num_units, len(usable) and int(usable[-1])) >= INT32_MAX:
+                raise ValueError(f"training shard {uri}: shard, row group or row number past {INT32_MAX}, the index's int32 limit")
             units.append(np.stack([np.full(len(starts), sid), np.arange(len(starts)), starts], axis=1).astype(np.int64).reshape(-1, 3))
-            rows.append(np.stack([np.full(len(usable), sid), usable, first_unit + group], axis=1).astype(np.int64).reshape(-1, 3))
+            rows.append(np.stack([np.full(len(usable), sid), usable, first_unit + group], axis=1).astype(np.int32).reshape(-1, 3))
             count += len(usable)
             h.update(f"{d}:{entry.path}:{entry.sha256}\n".encode())
         if count == 0:
             raise ValueError(f"training dataset {root} has no usable rows (every image failed or the shards are empty)")
-        dataset_rows.append(np.arange(start, start + count, dtype=np.int64))
-        start += count
-    sizes = np.array([len(r) for r in dataset_rows], dtype=np.float64)
+        dataset_starts.append(dataset_starts[-1] + count)
+    sizes = np.diff(dataset_starts).astype(np.float64)
     weights = np.array(cfg.weights, dtype=np.float64) if cfg.weights is not None else sizes
     if (weights <= 0).any():
         raise ValueError(f"data.weights must all be > 0, got {list(weights)}")
     weights = weights / weights.sum()
     h.update(json.dumps(weights.round(12).tolist()).encode())
-    return Index(shards, np.array(shard_dataset), np.concatenate(rows), np.concatenate(units), dataset_rows,
-                 weights, h.hexdigest()[:16])
+    return Index(shards, np.array(shard_dataset), np.concatenate(rows), np.concatenate(units),
+                 np.array(dataset_starts, dtype=np.int64), weights, h.hexdigest()[:16])
 
 
 def with_partitions(cfg: DataConfig, world: int) -> DataConfig:

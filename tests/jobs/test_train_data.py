@@ -21,6 +21,28 @@ def test_index_skips_failed_fetches_and_tolerates_an_empty_shard(squares):
     assert index.fingerprint == build_index(DataConfig(datasets=[squares])).fingerprint
 
 
+def test_index_is_compact_and_refuses_numbers_past_int32(squares, monkeypatch):
+    import jobs.train_data as td
+
+    index = build_index(DataConfig(datasets=[squares]))
+    assert index.rows.dtype == np.int32 and index.dataset_starts.tolist() == [0, 38]
+    assert np.array_equal(index.dataset_rows[0], np.arange(38))
+    monkeypatch.setattr(td, "INT32_MAX", 5)                  # as if a shard held more than 2**31 - 1 rows
+    with pytest.raises(ValueError, match=r"training shard .*shard-\d+\.parquet: shard, row group or row number past 5"):
+        build_index(DataConfig(datasets=[squares]))
+
+
+def test_order_of_existing_runs_never_changes(squares):
+    """Checkpoints record only the step: any change to the order function would silently make
+    resumed runs repeat and skip samples, so the order of a fixed dataset is pinned here."""
+    index = build_index(DataConfig(datasets=[squares]))
+    cfg = DataConfig(datasets=[squares], batch_size=8, partitions=2, shuffle_rows=4, seed=7)
+    assert epoch_order(index, cfg, 0).tolist() == [35, 34, 36, 37, 6, 27, 5, 26, 13, 16, 15, 14, 28, 30, 31, 29,
+                                                    19, 18, 0, 17, 7, 8, 32, 33, 2, 1, 4, 3, 11, 9, 12, 10]
+    assert epoch_order(index, cfg, 3).tolist() == [27, 26, 29, 28, 23, 21, 22, 24, 32, 31, 30, 33, 13, 15, 25, 14,
+                                                    2, 1, 3, 0, 17, 16, 19, 18, 6, 20, 4, 5, 37, 35, 34, 36]
+
+
 def test_order_is_seeded_and_never_repeats_a_row_within_an_epoch(squares):
     index = build_index(DataConfig(datasets=[squares]))
     cfg = DataConfig(datasets=[squares], batch_size=8, partitions=2, shuffle_rows=8)
