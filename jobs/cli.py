@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recaption": ("jobs.recaption", "caption fetched shards with a VLM (Ray Data actor pool) or join published captions"),
     "cluster": ("cluster.local", "start, stop or inspect a local multi-node Ray cluster on loopback, token auth on"),
     "submit": ("cluster.submit", "run a minit2i command on a Ray cluster through the Job Submission API"),
+    "encode-text": ("jobs.encode_text", "cache the frozen T5's caption features beside the images (Ray Data, resumable)"),
     "curate": ("jobs.curate", "build the finetune set from BLIP3o-60K, DALL-E 3 and ShareGPT-4o-Image"),
     "curate-diff": ("jobs.curate_diff", "rows one dataset build added and removed vs another, with reasons"),
     "generate": ("jobs.generate", "prompt file x seeds -> images as Parquet/PNG shards (Ray Data, resumable)"),

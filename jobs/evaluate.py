@@ -15,7 +15,6 @@ import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -27,3 +27,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         kwargs["_node_ip_address"] = node_ip
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False, **kwargs)
     return ray
+
+
+def run_dataset_stage(stage, cfg) -> int:
+    """A dataset -> dataset stage (recaption, encode-text) from its command: refuse an incomplete
+    input before Ray starts, connect, run, print the stage's summary and manifest."""
+    from pipelines import manifest
+
+    manifest.read(cfg.data)
+    init_ray()
+    result = stage.run(cfg)
+    print(stage.summary(result), end="")
+    print(f"manifest: {result.manifest_uri}")
+    return 0

@@ -35,13 +35,6 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
 
-    from pipelines import manifest
+    from jobs.ray_init import run_dataset_stage
 
-    manifest.read(cfg.data)  # an incomplete or missing dataset is refused before Ray starts
-    from jobs.ray_init import init_ray
-
-    init_ray()  # RAY_ADDRESS's cluster, else a local instance
-    result = recaption.run(cfg)
-    print(recaption.summary(result), end="")
-    print(f"manifest: {result.manifest_uri}")
-    return 0
+    return run_dataset_stage(recaption, cfg)

@@ -2,7 +2,8 @@
 
 The driver (`main`) reads the manifests, then builds ScalingConfig, RunConfig and a TorchTrainer;
 `train_loop` runs in every Train worker: one DeepSpeed engine per worker (jobs/train_step.py),
-batches streamed by Ray Data in the recorded order (jobs/train_data.py), the frozen T5 run online.
+batches streamed by Ray Data in the recorded order (jobs/train_data.py), the frozen T5 run online
+(or its features read from a `minit2i encode-text` dataset with data.text_features=true).
 
 Checkpoints are world-size-independent folders (weights + EMA as safetensors with model.json, so
 `minit2i sample --checkpoint` reads them; Adam moments; train_state.json) reported to Ray Train,
@@ -264,10 +265,11 @@ def train_loop(loop_config: dict) -> None:
         with open(os.path.join(trace, f"pid-rank{rank}.txt"), "w") as f:
             f.write(json.dumps({"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}))
 
-    encoder = None if cfg.data.features_column else FrozenT5(cfg.text_encoder, device)
-    text_dim = encoder.dim if encoder else cfg.model.overrides.get("text_dim")
-    if text_dim is None:
-        raise ValueError("data.features_column is set: give the cached features' width as model.overrides.text_dim")
+    # Captions are encoded online by the frozen T5, or read as cached features (the driver checked
+    # that they were made by cfg.text_encoder); then rank 0 loads T5 only to caption sample grids.
+    encoder = None if cfg.data.text_features else FrozenT5(cfg.text_encoder, device)
+    grid_encoder = encoder
+    text_dim = encoder.dim if encoder else index.text["width"]
     model_cfg = cfg.model.build(text_dim, cfg.text_encoder.prompt_length)
 
     # Where to start: the run's newest checkpoint (Ray Train restores it, also after a worker
@@ -346,7 +348,7 @@ def train_loop(loop_config: dict) -> None:
         if encoder is not None:
             text, mask = encoder(batch["caption"])
         else:
-            text, mask = batch["features"].view(b, model_cfg.text_length, -1), batch["text_mask"]
+            text, mask = batch["features"], batch["text_mask"]
         positions = [step * G + rank * b + i for i in range(b)]
         out = step_fn(step, batch["image"], text, mask, positions, batch["valid"])
         skipped += (~batch["valid"]).sum()
@@ -371,8 +373,10 @@ def train_loop(loop_config: dict) -> None:
             t_last, step_last = now, done
             if logger and is_log:
                 logger.log(metrics, done, total)
-        if cfg.logging.sample_every and encoder is not None and (done % cfg.logging.sample_every == 0 or last):
-            sample_grid(cfg, engine, ema, encoder, model_cfg, done, rank, log_dir)
+        if cfg.logging.sample_every and (done % cfg.logging.sample_every == 0 or last):
+            if grid_encoder is None and rank == 0:
+                grid_encoder = FrozenT5(cfg.text_encoder, device)
+            sample_grid(cfg, engine, ema, grid_encoder, model_cfg, done, rank, log_dir)
         if is_ckpt:
             save(done, metrics)
         elif is_log:
@@ -428,6 +432,15 @@ def main(cfg: TrainConfig):
         raise ValueError("optim.steps, checkpoint.every and logging.every must be >= 1")
     index = build_index(cfg.data)
     spe = steps_per_epoch(index, G)
+    if index.text is not None:       # cached features must be what cfg.text_encoder would compute
+        made = (index.text["encoder"], index.text["prompt_length"])
+        if made != (cfg.text_encoder.name_or_path, cfg.text_encoder.prompt_length):
+            raise ValueError(f"the cached T5 features were made by {made[0]} at prompt length {made[1]}, but text_encoder "
+                             f"says {cfg.text_encoder.name_or_path} at {cfg.text_encoder.prompt_length}; set text_encoder "
+                             f"to match (checkpoints record it for sampling) or re-run minit2i encode-text")
+        if cfg.model.overrides.get("text_dim", index.text["width"]) != index.text["width"]:
+            raise ValueError(f"model.overrides.text_dim {cfg.model.overrides['text_dim']} differs from the cached "
+                             f"features' width {index.text['width']}")
     resume = None
     if cfg.checkpoint.resume_from:
         check_checkpoint(cfg.checkpoint.resume_from)
@@ -466,7 +479,7 @@ def main(cfg: TrainConfig):
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"))
     print(f"[train] {cfg.name}: {index.num_rows} usable rows in {len(index.shards)} shards, "
           f"{spe} steps/epoch at global batch {G}, {W} workers, {cfg.data.partitions or 'one per worker'} data partitions, "
-          f"ZeRO-{cfg.optim.zero_stage}, "
+          f"ZeRO-{cfg.optim.zero_stage}, text {'cached T5 features' if index.text else 'encoded online'}, "
           f"{cfg.optim.steps} steps -> {storage.join(cfg.storage_path, cfg.name)}", flush=True)
     trainer = TorchTrainer(
         train_loop,

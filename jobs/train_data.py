@@ -55,8 +55,7 @@ class DataConfig:
     datasets: list[str] = field(default_factory=list)    # dataset folders (local or s3://), each with manifest.json
     weights: list[float] | None = None                   # mix weights, one per dataset (share of each epoch); None = by size
     caption_column: str = "caption"                      # text column the encoder reads
-    features_column: str | None = None                   # cached T5 features [L*C] (skips the online encoder)
-    mask_column: str | None = None                       # cached T5 mask [L] that goes with features_column
+    text_features: bool = False                          # read cached T5 features (`minit2i encode-text`) instead of encoding online
     batch_size: int = 8                                  # GLOBAL batch: samples per optimiser step over all workers
     seed: int = 0                                        # seeds the sample order (and the noise, in the step)
     partitions: int = 0                                  # streams per global batch; 0 = the first run's worker count (recorded)
@@ -86,6 +85,7 @@ class Index:
     dataset_starts: np.ndarray     # [num_datasets + 1] int64: dataset d's global row ids are [starts[d], starts[d+1])
     weights: np.ndarray            # [num_datasets] normalised mix weights
     fingerprint: str               # hash of the manifests' shard digests and the weights
+    text: dict | None = None       # with data.text_features: the cached features' encoder, width, prompt_length
 
     @property
     def num_rows(self) -> int:
@@ -157,6 +157,7 @@ def build_index(cfg: DataConfig) -> Index:
         if count == 0:
             raise ValueError(f"training dataset {root} has no usable rows (every image failed or the shards are empty)")
         dataset_starts.append(dataset_starts[-1] + count)
+    text = _cached_text(cfg) if cfg.text_features else None
     sizes = np.diff(dataset_starts).astype(np.float64)
     weights = np.array(cfg.weights, dtype=np.float64) if cfg.weights is not None else sizes
     if (weights <= 0).any():
@@ -164,7 +165,20 @@ def build_index(cfg: DataConfig) -> Index:
     weights = weights / weights.sum()
     h.update(json.dumps(weights.round(12).tolist()).encode())
     return Index(shards, np.array(shard_dataset), np.concatenate(rows), np.concatenate(units),
-                 np.array(dataset_starts, dtype=np.int64), weights, h.hexdigest()[:16])
+                 np.array(dataset_starts, dtype=np.int64), weights, h.hexdigest()[:16], text)
+
+
+def _cached_text(cfg: DataConfig) -> dict:
+    """What every dataset's cached T5 features were made with; they must all agree."""
+    from pipelines.text_features import features_of
+
+    found = {root: features_of(root) for root in cfg.datasets}
+    keys = ("encoder", "width", "prompt_length")
+    kinds = {tuple(f[k] for k in keys) for f in found.values()}
+    if len(kinds) > 1:
+        raise ValueError("data.datasets hold T5 features made differently (encoder, width, prompt length): "
+                         + "; ".join(f"{root}: {tuple(f[k] for k in keys)}" for root, f in found.items()))
+    return {k: next(iter(found.values()))[k] for k in keys}
 
 
 def with_partitions(cfg: DataConfig, world: int) -> DataConfig:
@@ -262,7 +276,11 @@ class ReadRows:
     def __init__(self, index: Index, cfg: DataConfig, plan: tuple[int, int, int, int] | None = None):
         self.index = index
         self.cfg = cfg
-        self.columns = ["key", "image", cfg.caption_column] + [c for c in (cfg.features_column, cfg.mask_column) if c]
+        self.columns = ["key", "image", cfg.caption_column]
+        if cfg.text_features:
+            from pipelines.text_features import FEATURES_COLUMN, TOKENS_COLUMN
+
+            self.columns += [FEATURES_COLUMN, TOKENS_COLUMN]
         self.files: dict[int, object] = {}
         self.held: dict[int, dict] = {}
         self.group_reads = 0
@@ -281,7 +299,8 @@ class ReadRows:
             pf = pq.ParquetFile(fs.open_input_file(path))
             missing = [c for c in self.columns if c not in pf.schema_arrow.names]
             if missing:
-                raise ValueError(f"training shard {self.index.shards[sid]} lacks column(s) {missing} (set data.caption_column?)")
+                raise ValueError(f"training shard {self.index.shards[sid]} lacks column(s) {missing} (set data.caption_column? "
+                                 f"cached T5 features come from `minit2i encode-text`)")
             self.files[sid] = pf
         return self.files[sid]
 
@@ -309,16 +328,34 @@ class ReadRows:
             if p not in held:
                 self._fill(plan, p, horizon, held)
             rows.append(held.pop(p))
+        if self.cfg.text_features:
+            features, text_mask = self._features(rows)
         out = {
             "gid": np.asarray(plan)[np.asarray(positions, dtype=np.int64)],
             "key": np.array([str(r["key"]) for r in rows], dtype=object),
             "image": np.array([r["image"] for r in rows], dtype=object),
             "caption": np.array([r[self.cfg.caption_column] or "" for r in rows], dtype=object),
         }
-        if self.cfg.features_column:
-            out["features"] = np.stack([np.asarray(r[self.cfg.features_column], dtype=np.float32) for r in rows])
-            out["text_mask"] = np.stack([np.asarray(r[self.cfg.mask_column], dtype=bool) for r in rows])
+        if self.cfg.text_features:
+            out["features"], out["text_mask"] = features, text_mask
         return out
+
+    def _features(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """Cached features -> float16 [n, L, C] zero-padded (exact: padding carries nothing) and mask [n, L].
+        A row whose features are missing or malformed loses its image, so DecodeCrop counts it as a skip."""
+        from pipelines.text_features import FEATURES_COLUMN, TOKENS_COLUMN, decode_features
+
+        L, C = self.index.text["prompt_length"], self.index.text["width"]
+        features = np.zeros((len(rows), L, C), dtype=np.float16)
+        mask = np.zeros((len(rows), L), dtype=bool)
+        for i, r in enumerate(rows):
+            n = r[TOKENS_COLUMN]
+            if r[FEATURES_COLUMN] is None or n is None or not 0 <= n <= L or len(r[FEATURES_COLUMN]) != 2 * n * C:
+                r["image"] = None            # unusable features: the row becomes a counted skip, like a corrupt image
+                continue
+            features[i, :n] = decode_features(r[FEATURES_COLUMN], n, C)
+            mask[i, :n] = True
+        return features, mask
 
 
 def decode_crop(data: bytes, size: int) -> np.ndarray:

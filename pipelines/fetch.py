@@ -504,13 +504,7 @@ def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
         kind = manifest_lib.read(config.out).kind
         if kind != "fetch":
             raise ValueError(f"{config.out} holds a {kind!r} dataset, not a fetch; choose another --out")
-    markers = manifest_lib.read_markers(config.out)
-    foreign = sorted(name for name, m in markers.items() if m.get("fingerprint") != fingerprint)
-    if foreign:
-        raise ValueError(
-            f"{config.out} already holds shards ({foreign[0]}, ...) fetched from another URL list or with other "
-            f"settings; delete the folder or choose another --out"
-        )
+    markers = manifest_lib.committed_markers(config.out, fingerprint, "fetched from another URL list or with other settings")
     todo = [s for s in shards if s.name not in markers]
     retry = [s for s in shards if retry_failed and s.name in markers
              and any(markers[s.name]["stats"]["status_class"].get(c) for c in RETRYABLE)]

@@ -98,6 +98,27 @@ def read_markers(root: str) -> dict[str, dict[str, Any]]:
     return markers
 
 
+@dataclass
+class StageResult:
+    """What a resumable dataset -> dataset stage (recaption, encode-text) did in one invocation."""
+    stats: dict[str, Any]
+    shards_run: int
+    shards_skipped: int              # committed by an earlier invocation
+    rows_this_run: int
+    seconds: float
+    manifest_uri: str = ""
+
+
+def committed_markers(root: str, fingerprint: str, made: str) -> dict[str, dict[str, Any]]:
+    """The commit markers of a resumable stage's output folder, refusing shards another build made
+    (`made` says how: "fetched from another URL list or with other settings", ...)."""
+    markers = read_markers(root)
+    foreign = sorted(name for name, m in markers.items() if m.get("fingerprint") != fingerprint)
+    if foreign:
+        raise ValueError(f"{root} already holds shards ({foreign[0]}, ...) {made}; delete the folder or choose another out")
+    return markers
+
+
 def write(root: str, manifest: Manifest) -> str:
     """Write the manifest atomically into dataset folder `root`; call only after every shard exists."""
     manifest.shards = sorted(manifest.shards, key=lambda s: s.path)

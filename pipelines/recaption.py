@@ -243,16 +243,6 @@ def fingerprint_of(config: RecaptionConfig, input_manifest_sha: str) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@dataclass
-class RecaptionResult:
-    stats: dict[str, Any]
-    shards_run: int
-    shards_skipped: int
-    images_this_run: int
-    seconds: float
-    manifest_uri: str = ""
-
-
 def _generate(config: RecaptionConfig, todo: list[str], fingerprint: str, progress) -> list[dict[str, Any]]:
     """Caption the shards in `todo` with the actor pool; write each as soon as its rows are all back."""
     import ray
@@ -316,7 +306,7 @@ def _join(config: RecaptionConfig, todo: list[str], fingerprint: str, progress) 
     return markers
 
 
-def run(config: RecaptionConfig) -> RecaptionResult:
+def run(config: RecaptionConfig) -> manifest_lib.StageResult:
     """Recaption `config.data` into `config.out` (resuming committed shards). Ray must be initialised."""
     from tqdm import tqdm
 
@@ -332,11 +322,7 @@ def run(config: RecaptionConfig) -> RecaptionResult:
     names = [s.path for s in source.shards]
 
     manifest_uri = storage.join(config.out, manifest_lib.MANIFEST_NAME)
-    markers = manifest_lib.read_markers(config.out)
-    foreign = sorted(n for n, m in markers.items() if m.get("fingerprint") != fingerprint)
-    if foreign:
-        raise ValueError(f"{config.out} already holds shards ({foreign[0]}, ...) captioned from other inputs or "
-                         f"settings; delete the folder or choose another out")
+    markers = manifest_lib.committed_markers(config.out, fingerprint, "captioned from other inputs or settings")
     todo = [n for n in names if n not in markers]
     if todo:
         storage.delete(manifest_uri)  # not complete until the new manifest is written
@@ -368,18 +354,18 @@ def run(config: RecaptionConfig) -> RecaptionResult:
         stats={**source.stats, "recaption": stats},
     )
     uri = manifest_lib.write(config.out, manifest)
-    return RecaptionResult(stats=stats, shards_run=len(new), shards_skipped=len(names) - len(todo),
-                           images_this_run=sum(m["stats"]["captioned"] for m in new),
+    return manifest_lib.StageResult(stats=stats, shards_run=len(new), shards_skipped=len(names) - len(todo),
+                           rows_this_run=sum(m["stats"]["captioned"] for m in new),
                            seconds=time.perf_counter() - start, manifest_uri=uri)
 
 
-def summary(result: RecaptionResult) -> str:
+def summary(result: manifest_lib.StageResult) -> str:
     s = result.stats
-    speed = result.images_this_run / result.seconds if result.seconds > 0 else 0.0
+    speed = result.rows_this_run / result.seconds if result.seconds > 0 else 0.0
     return (
         f"recaption: {s['captioned']}/{s['rows']} rows captioned by {s['captioner']}\n"
         f"  T5 tokens: mean {s['mean_t5_tokens']}, over {s['prompt_length']}: {s['over_prompt_length']} "
         f"({100 * s['share_over_prompt_length']:.1f}%)\n"
         f"  shards run {result.shards_run}, skipped (committed) {result.shards_skipped}; "
-        f"{result.images_this_run} images in {result.seconds:.1f}s = {speed:.2f} images/s\n"
+        f"{result.rows_this_run} images in {result.seconds:.1f}s = {speed:.2f} images/s\n"
     )

@@ -164,6 +164,27 @@ def test_zero2_zero3_match_one_worker_learn_and_resume_across_world_sizes(ray_se
     assert "ema_0.999" in proc.stdout and (tmp_path / "grid.png").is_file()
 
 
+def test_cached_text_features_train_like_the_online_encoder(ray_session, squares, tmp_path):
+    from model.text_encoder import TextEncoderConfig
+    from pipelines import text_features
+
+    cached = str(tmp_path / "squares-t5")
+    text_features.run(text_features.EncodeTextConfig(data=squares, out=cached, text_encoder=TextEncoderConfig("tiny-t5", prompt_length=16)))
+    common = ["scaling.num_workers=1", "data.partitions=2", "optim.steps=2"]
+    assert main(tiny(tmp_path, squares, "online", *common)).error is None
+    # With cached features the workers run no T5; rank 0 loads it only to caption the sample grid.
+    assert main(tiny(tmp_path, cached, "cached", *common, "data.text_features=true", "logging.sample_every=2",
+                     "logging.sample_steps=2")).error is None
+    online, from_cache = trace(tmp_path / "trace" / "online"), trace(tmp_path / "trace" / "cached")
+    assert [from_cache[s][0]["keys"] for s in (0, 1)] == [online[s][0]["keys"] for s in (0, 1)]   # same order
+    losses, reference = step_losses(from_cache), step_losses(online)
+    np.testing.assert_allclose(losses[0], reference[0], rtol=1e-3)            # float16 storage of the features
+    np.testing.assert_allclose(losses[1], reference[1], rtol=2e-2)            # (Adam magnifies rounding, see above)
+    assert (tmp_path / "logs" / "cached" / "samples-0000002.png").is_file()
+    with pytest.raises(ValueError, match="made by tiny-t5 at prompt length 16, but text_encoder says tiny-t5 at 20"):
+        main(tiny(tmp_path, cached, "x", "data.text_features=true", "text_encoder.prompt_length=20"))
+
+
 def test_bad_config_key_missing_dataset_and_bad_resume_are_loud(tmp_path, squares):
     proc = run_cli("train", "--config", ROOT / "jobs/configs/debug.yaml", "optim.lrr=1", check=False)
     assert proc.returncode == 2 and "unknown key 'lrr'" in proc.stderr and "did you mean 'lr'" in proc.stderr

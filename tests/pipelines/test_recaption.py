@@ -88,7 +88,7 @@ def test_recaption_generates_and_resumes(ray_session, models, fetched, tmp_path)
     cfg = recaption.RecaptionConfig(data=fetched, out=out, model=str(llava), prompt="describe this image",
                                     max_new_tokens=6, batch_size=4, t5_tokenizer=str(t5))
     result = recaption.run(cfg)
-    assert (result.shards_run, result.images_this_run) == (2, 5)
+    assert (result.shards_run, result.rows_this_run) == (2, 5)
 
     src, table = _table(fetched), _table(out)
     assert table.column_names == src.column_names + ["caption", "captioner", "caption_prompt_sha256",
