@@ -74,6 +74,13 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, leaf value) pairs of a nested dict, the keys `apply_overrides` takes."""
+    if isinstance(d, dict) and d:
+        return [kv for k, v in d.items() for kv in flatten(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), d)]
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`a.b.c=value` strings applied onto a nested dict; values are parsed as YAML scalars."""
     data = dict(data)

@@ -11,6 +11,7 @@ import argparse
 import json
 from typing import Any
 
+from jobs import config as config_lib
 from pipelines import manifest as manifest_lib
 
 
@@ -26,12 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     diff.add_argument("b")
 
 
-def _flat(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(d, dict) and d:
-        return [kv for k, v in d.items() for kv in _flat(v, f"{prefix}{k}.")]
-    return [(prefix.rstrip("."), d)]
-
-
 def format_show(m: manifest_lib.Manifest, where: str) -> str:
     size = sum(s.bytes for s in m.shards)
     lines = [
@@ -41,9 +36,9 @@ def format_show(m: manifest_lib.Manifest, where: str) -> str:
         "inputs",
         *[f"  {i.path}  sha256 {i.sha256[:16]}  {i.bytes:,} bytes" for i in m.inputs],
         "config",
-        *[f"  {k} = {json.dumps(v)}" for k, v in _flat(m.config)],
+        *[f"  {k} = {json.dumps(v)}" for k, v in config_lib.flatten(m.config)],
         "stats",
-        *[f"  {k} = {json.dumps(v)}" for k, v in _flat(m.stats)],
+        *[f"  {k} = {json.dumps(v)}" for k, v in config_lib.flatten(m.stats)],
         "shards",
         *[f"  {s.path}  rows {s.rows}  {s.bytes:,} bytes  sha256 {s.sha256[:16]}" for s in m.shards[:20]],
     ]

@@ -212,15 +212,9 @@ class Logger:
             close()
 
 
-def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
+def flat_params(d: dict) -> dict[str, str]:
     """A nested config as MLflow params: dotted keys, string values."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flat_params(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-    return out
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in config_lib.flatten(d)}
 
 
 def require_tracker(module: str, key: str) -> None:
@@ -459,10 +453,9 @@ def main(cfg: TrainConfig):
 
     if storage.is_s3(cfg.storage_path):
         storage_path, storage_fs = cfg.storage_path[len("s3://"):], storage.s3_filesystem()
-        rid = run_id(cfg.storage_path, cfg.name)
     else:
         storage_path, storage_fs = os.path.abspath(cfg.storage_path), None
-        rid = run_id(storage_path, cfg.name)
+    rid = run_id(cfg.storage_path if storage_fs else storage_path, cfg.name)
 
     from jobs.ray_init import init_ray
 
