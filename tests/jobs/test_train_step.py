@@ -16,7 +16,7 @@ import torch
 from jobs.train_step import OptimConfig, resolve_compile
 
 
-def _steps(compile_: bool, stage: int, queue) -> None:
+def _steps(compile_: bool, stage: int, queue, micro_batch: int = 0) -> None:
     import torch
 
     from jobs.train_step import OptimConfig, TrainStep, build_engine, full_state
@@ -27,23 +27,28 @@ def _steps(compile_: bool, stage: int, queue) -> None:
     cfg = preset("debug", depth=2)
     weights = MMJiT(cfg).state_dict()
     torch.nn.init.normal_(weights["final.weight"], std=0.02)      # a non-zero output, so every weight gets a gradient
-    optim = OptimConfig(lr=1e-3, warmup_steps=0, steps=3, zero_stage=stage, compile=compile_)
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, steps=3, zero_stage=stage, compile=compile_, micro_batch=micro_batch)
     engine, precision = build_engine(cfg, optim, 4, torch.device("cpu"), weights)
     step = TrainStep(engine, precision, DenoiserConfig(), optim, None, seed=0)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (4, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8, generator=g)
     text = torch.randn(4, cfg.text_length, cfg.text_dim, generator=g)
     mask = torch.arange(cfg.text_length)[None] < torch.tensor([[5], [9], [30], [64]])
-    losses = [step(i, x, text, mask, positions=[4 * i + j for j in range(4)])["loss"].item() for i in range(3)]
+    valid = torch.tensor([True, True, False, True])                # a row that failed to decode weighs 0
+    losses, norms = [], []
+    for i in range(3):
+        losses.append(step(i, x, text, mask, positions=[4 * i + j for j in range(4)], valid=valid)["loss"].item())
+        norms.append(step.grad_norm())                             # before clipping: sees how gradients were scaled
     compiled = getattr(engine, "is_compiled", False)
+    assert engine.gradient_accumulation_steps() == 4 // (micro_batch or 4)
     weights = {k: v.numpy() for k, v in full_state(engine)[0].items()}   # consolidated fp32 weights
-    queue.put((losses, weights, compiled))
+    queue.put((losses, weights, compiled, norms))
 
 
-def _run(compile_: bool, stage: int):
+def _run(compile_: bool, stage: int, micro_batch: int = 0):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_steps, args=(compile_, stage, queue))
+    proc = ctx.Process(target=_steps, args=(compile_, stage, queue, micro_batch))
     proc.start()
     deadline = time.monotonic() + 600
     while True:                                   # a child that dies fails the test now, not at the timeout
@@ -61,15 +66,32 @@ def _run(compile_: bool, stage: int):
 def test_compiled_engine_trains_like_the_eager_one():
     # ZeRO-1 and ZeRO-2 compiled against the eager ZeRO-2 engine (one process: the stages only
     # differ in how they partition, so the numbers must agree).
-    eager_losses, eager_state, eager_compiled = _run(False, 2)
+    eager_losses, eager_state, eager_compiled, _ = _run(False, 2)
     assert not eager_compiled and eager_losses[-1] != eager_losses[0]     # the optimiser really stepped
     for stage in (1, 2):
-        losses, state, compiled = _run(True, stage)
+        losses, state, compiled, _ = _run(True, stage)
         assert compiled                                              # the flag reached DeepSpeed
         assert state.keys() == eager_state.keys()                    # Module.compile keeps the parameter names
         assert losses == pytest.approx(eager_losses, rel=1e-4), stage
         for name, value in state.items():
             assert abs(value - eager_state[name]).max() < 1e-4, (stage, name)
+
+
+def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch():
+    # The batch of 4 in 2 passes of 2 (ZeRO-2) and 4 passes of 1 (ZeRO-3): every loss is a mean
+    # over its micro batch and DeepSpeed divides each pass's gradient by the number of passes, so
+    # the gradient (its norm) and the update are the whole batch's, up to summation order.
+    whole_losses, whole_state, _, whole_norms = _run(False, 2)
+    for stage, micro in ((2, 2), (3, 1)):
+        losses, state, _, norms = _run(False, stage, micro)
+        assert losses == pytest.approx(whole_losses, rel=1e-4), (stage, micro)
+        assert norms == pytest.approx(whole_norms, rel=1e-4), (stage, micro)
+        for name, value in state.items():
+            assert abs(value - whole_state[name]).max() < 1e-4, (stage, micro, name)
+    with pytest.raises(ValueError, match="optim.micro_batch 3 must divide the per-worker batch 4"):
+        OptimConfig(micro_batch=3).accumulation(4)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        OptimConfig(micro_batch=-1)
 
 
 def test_compile_setting_is_checked():
