@@ -36,7 +36,7 @@ DONE_DIR = "_done"
 class GenerateConfig:
     prompts: str = ""                          # prompt file: .txt, .jsonl or .parquet (local or s3://)
     out: str = "outputs/generated"             # output folder (local or s3://)
-    checkpoint: str | None = None              # weights folder; None = a fresh `preset` model (smoke tests)
+    checkpoint: str | None = None              # weights folder, checkpoint or run folder; None = a fresh `preset` model
     weights: str | None = None                 # which weights file (e.g. ema_0.9999, model); None = best EMA
     preset: str = "debug"                      # preset of the fresh model when no checkpoint is given
     text_encoder: str | None = None            # override the checkpoint's text encoder
@@ -262,6 +262,10 @@ def ensure_ray():
 
 def generate_images(cfg: GenerateConfig) -> dict[str, Any]:
     """Run the job; returns stats (images, generated, skipped_shards, seconds, images_per_s)."""
+    if cfg.checkpoint:               # a run folder means its newest checkpoint now, for every actor and the digest
+        from jobs.train import weights_folder
+
+        cfg = dataclasses.replace(cfg, checkpoint=weights_folder(cfg.checkpoint))
     prompts = read_prompts(cfg.prompts)[: cfg.limit]
     prompts_digest, _ = storage.file_digest(cfg.prompts)
     digest = settings_digest(cfg, prompts_digest)

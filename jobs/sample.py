@@ -60,11 +60,18 @@ def default_device() -> torch.device:
 
 def load_model(checkpoint: str | None, weights: str | None, preset_name: str, text_encoder: str | None,
                device: torch.device) -> tuple[MMJiT, FrozenT5, dict]:
-    """(network, frozen text encoder, meta) from a weights folder, or a fresh preset model."""
+    """(network, frozen text encoder, meta) from a weights folder, checkpoint or training run's
+    folder (its newest checkpoint), local or s3://; or a fresh preset model."""
     if checkpoint:
+        from jobs.train import local_copy, weights_folder
         from model.checkpoint import load_weights
 
-        net, meta = load_weights(checkpoint, weights, device)
+        path, tmp = local_copy(weights_folder(checkpoint))
+        try:
+            net, meta = load_weights(path, weights, device)
+        finally:
+            if tmp:
+                tmp.cleanup()
         enc_cfg = TextEncoderConfig(**meta["text_encoder"])
     else:
         enc_cfg = TextEncoderConfig()
@@ -101,7 +108,8 @@ def generate(net: MMJiT, encoder: FrozenT5, prompts: list[str], cfg: SamplerConf
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="weights folder (model.json + *.safetensors); default: a fresh model")
+    p.add_argument("--checkpoint", help="weights folder, checkpoint or training run folder (its newest checkpoint); "
+                   "local or s3://; default: a fresh model")
     p.add_argument("--weights", help="which weights in the folder (e.g. ema_0.9999, model); default: best EMA")
     p.add_argument("--preset", default="debug", help="preset of the fresh model when no checkpoint is given")
     p.add_argument("--text-encoder", help="override the text encoder (local T5 directory, hub id or tiny-t5)")

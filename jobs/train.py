@@ -44,8 +44,8 @@ class ScalingSection:
 class CheckpointSection:
     every: int = 1000                    # steps between checkpoints (and one at the end)
     num_to_keep: int = 3
-    resume_from: str | None = None       # a checkpoint folder to start from when the run has none yet
-    init_from: str | None = None         # weights folder (model.json + *.safetensors) to initialise the model (finetune)
+    resume_from: str | None = None       # a checkpoint (or a run folder: its newest) to start from when the run has none yet
+    init_from: str | None = None         # weights to initialise the model (finetune): a weights folder, checkpoint or run folder
     init_weights: str | None = None      # which weights in init_from ("model", "ema_0.9999"); default: best EMA
 
 
@@ -95,28 +95,84 @@ def peak_flops(device) -> float | None:
 # Checkpoint folders
 # --------------------------------------------------------------------------------------------
 
-def check_checkpoint(uri: str) -> None:
-    """A resume path must be a checkpoint this job wrote: fail loudly, never start fresh."""
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"checkpoint.resume_from {uri} does not exist")
+def checkpoint_problem(uri: str) -> str | None:
+    """None if `uri` is a complete checkpoint this job wrote, else what is wrong with it."""
     for name in (STATE_NAME, MOMENTS_NAME, "model.safetensors", "model.json"):
         if not storage.exists(storage.join(uri, name)):
-            raise ValueError(f"checkpoint.resume_from {uri} is not a training checkpoint: it has no {name}")
+            return f"it has no {name}"
     try:
-        json.loads(storage.read_bytes(storage.join(uri, STATE_NAME)))
+        state = json.loads(storage.read_bytes(storage.join(uri, STATE_NAME)))
     except ValueError as err:
-        raise ValueError(f"checkpoint.resume_from {uri}: {STATE_NAME} is unreadable: {err}") from err
+        return f"{STATE_NAME} is unreadable: {err}"
+    for d in state.get("ema_decays", []):
+        if not storage.exists(storage.join(uri, f"ema_{d}.safetensors")):
+            return f"it has no ema_{d}.safetensors"
+    return None
+
+
+def newest_checkpoint(run_uri: str) -> str | None:
+    """The complete checkpoint with the highest step among a run folder's subfolders (storage_path/
+    name holds Ray Train's checkpoint_* folders); an upload cut short by a failure is passed over."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(run_uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    best = None
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        uri = storage.join(run_uri, info.base_name)
+        if info.type != pafs.FileType.Directory or checkpoint_problem(uri):
+            continue
+        step = json.loads(storage.read_bytes(storage.join(uri, STATE_NAME)))["step"]
+        if best is None or step > best[0]:
+            best = (step, uri)
+    return best and best[1]
+
+
+def resume_checkpoint(uri: str) -> str:
+    """checkpoint.resume_from as a checkpoint folder: the folder itself, or a run folder's newest
+    complete checkpoint. Anything else fails loudly, never a silent fresh start."""
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"checkpoint.resume_from {uri} does not exist")
+    problem = checkpoint_problem(uri)
+    if problem is None:
+        return uri
+    newest = newest_checkpoint(uri)
+    if newest is None:
+        raise ValueError(f"checkpoint.resume_from {uri} is not a training checkpoint ({problem}) "
+                         "nor a run folder holding a complete one")
+    print(f"[train] checkpoint.resume_from {uri}: a run folder; resuming from its newest checkpoint {newest}", flush=True)
+    return newest
+
+
+def weights_folder(uri: str) -> str:
+    """A folder to load inference weights from: a weights folder or checkpoint (model.json +
+    *.safetensors) as it is, or a run folder's newest complete checkpoint. Local or s3://."""
+    if storage.exists(storage.join(uri, "model.json")):
+        return uri
+    newest = newest_checkpoint(uri)
+    if newest is None:
+        where = "does not exist" if not storage.exists(uri) else "has no model.json and no complete checkpoint in it"
+        raise FileNotFoundError(f"{uri} {where}: give a weights folder, a checkpoint or a training run's folder "
+                                "(storage_path/name)")
+    print(f"{uri}: a run folder; using its newest checkpoint {newest}", flush=True)
+    return newest
 
 
 def local_copy(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    """A local path for a folder on local disk or S3 (downloaded into a temp dir)."""
+    """A local path holding a weights folder's model.json and weights (a local folder as it is; from
+    S3, a temp dir with those files only: a checkpoint's Adam moments are twice the weights)."""
     if not storage.is_s3(uri):
         return uri, None
     import pyarrow.fs as pafs
 
     tmp = tempfile.TemporaryDirectory()
-    fs, path = storage.resolve(uri)
-    pafs.copy_files(path, tmp.name, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    for f in storage.list_files(uri):
+        name = f.rsplit("/", 1)[-1]
+        if name == "model.json" or (name.endswith(".safetensors") and name != MOMENTS_NAME):
+            fs, path = storage.resolve(f)
+            pafs.copy_files(path, os.path.join(tmp.name, name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
     return tmp.name, tmp
 
 
@@ -291,6 +347,10 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0:
             print(f"[train] resuming at step {start_step} (sample {start_step * G}) from {ckpt.path}, "
                   f"saved by {st['world_size']} workers, now {world}", flush=True)
+    elif loop_config["own_checkpoint"]:
+        raise RuntimeError(f"{loop_config['own_checkpoint']} is a checkpoint of this run, but Ray Train restored none "
+                           "(its run state under storage_path/name is missing?); refusing to start over: use a new run "
+                           "name, or checkpoint.resume_from with a new name to continue from it")
     elif cfg.checkpoint.init_from:
         from model.checkpoint import load_weights
 
@@ -329,7 +389,8 @@ def train_loop(loop_config: dict) -> None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             state = {"step": step, "samples": step * G, "epoch": step // (index.num_rows // G), "global_batch": G,
-                     "world_size": world, "data_fingerprint": index.fingerprint, "seed": cfg.data.seed,
+                     "world_size": world, "micro_batch": step_fn.micro, "passes": b // step_fn.micro,
+                     "data_fingerprint": index.fingerprint, "seed": cfg.data.seed,
                      "order": order_settings(data_cfg),
                      "ema_decays": [str(d) for d in emas_], "skipped": int(metrics.get("skipped", 0))}
             write_checkpoint(tmp, weights_, moments_, {str(d): sd for d, sd in emas_.items()}, state, cfg, model_cfg)
@@ -422,6 +483,7 @@ def main(cfg: TrainConfig):
         raise ValueError(f"data.batch_size {G} must be a positive multiple of scaling.num_workers {W}")
     if cfg.data.partitions < 0 or (cfg.data.partitions and G % cfg.data.partitions):
         raise ValueError(f"data.partitions {cfg.data.partitions} must divide data.batch_size {G} (or be 0: one per worker)")
+    micro, passes = cfg.optim.accumulation(G // W)
     if cfg.optim.steps < 1 or cfg.checkpoint.every < 1 or cfg.logging.every < 1:
         raise ValueError("optim.steps, checkpoint.every and logging.every must be >= 1")
     index = build_index(cfg.data)
@@ -435,13 +497,25 @@ def main(cfg: TrainConfig):
         if cfg.model.overrides.get("text_dim", index.text["width"]) != index.text["width"]:
             raise ValueError(f"model.overrides.text_dim {cfg.model.overrides['text_dim']} differs from the cached "
                              f"features' width {index.text['width']}")
+    # resume_from and init_from start a fresh run; a run with checkpoints of its own continues from
+    # them (Ray Train restores its newest) and does not read either. They are pinned to the folder
+    # they resolve to now, so every worker sees the same one while another run writes checkpoints.
     resume = None
+    own = newest_checkpoint(storage.join(cfg.storage_path, cfg.name))
+    if own is not None:
+        if cfg.checkpoint.resume_from or cfg.checkpoint.init_from:
+            print(f"[train] {cfg.name} has checkpoints of its own: continuing from them; checkpoint.resume_from "
+                  "and init_from are not read", flush=True)
+        cfg.checkpoint.resume_from = cfg.checkpoint.init_from = None
     if cfg.checkpoint.resume_from:
-        check_checkpoint(cfg.checkpoint.resume_from)
+        cfg.checkpoint.resume_from = resume_checkpoint(cfg.checkpoint.resume_from)
         fs, path = storage.resolve(cfg.checkpoint.resume_from)
         resume = Checkpoint(path, filesystem=fs)
-    if cfg.checkpoint.init_from and not storage.exists(storage.join(cfg.checkpoint.init_from, "model.json")):
-        raise FileNotFoundError(f"checkpoint.init_from {cfg.checkpoint.init_from} is not a weights folder (no model.json)")
+    if cfg.checkpoint.init_from:
+        try:
+            cfg.checkpoint.init_from = weights_folder(cfg.checkpoint.init_from)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"checkpoint.init_from: {err}") from None
     if cfg.logging.dir is None:
         cfg.logging.dir = os.path.join("outputs", "train", cfg.name)
     cfg.logging.dir = os.path.abspath(cfg.logging.dir)
@@ -471,12 +545,13 @@ def main(cfg: TrainConfig):
     # twice on the driver; the workers' prints already reach it through Ray's log forwarding.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"))
     print(f"[train] {cfg.name}: {index.num_rows} usable rows in {len(index.shards)} shards, "
-          f"{spe} steps/epoch at global batch {G}, {W} workers, {cfg.data.partitions or 'one per worker'} data partitions, "
+          f"{spe} steps/epoch at global batch {G} = {W} workers x {passes} passes x micro batch {micro}, "
+          f"{cfg.data.partitions or 'one per worker'} data partitions, "
           f"ZeRO-{cfg.optim.zero_stage}, text {'cached T5 features' if index.text else 'encoded online'}, "
           f"{cfg.optim.steps} steps -> {storage.join(cfg.storage_path, cfg.name)}", flush=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": config_lib.to_dict(cfg), "index": index, "run_id": rid},
+        train_loop_config={"cfg": config_lib.to_dict(cfg), "index": index, "run_id": rid, "own_checkpoint": own},
         scaling_config=ScalingConfig(num_workers=W, use_gpu=cfg.scaling.use_gpu, placement_strategy=cfg.scaling.placement_strategy,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),

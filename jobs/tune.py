@@ -136,7 +136,7 @@ def default_sampling_space() -> dict[str, Any]:
 
 @dataclass
 class SamplingTuneConfig:
-    checkpoint: str = ""                                     # weights folder (model.json + *.safetensors)
+    checkpoint: str = ""                                     # weights folder, checkpoint or run folder (its newest)
     text_encoder: str | None = None                          # override the checkpoint's text encoder
     prompts: str | None = None                               # prompt file; None = `subsets[-1]` world prompts
     subsets: list[int] = field(default_factory=lambda: [8, 16, 32])   # growing prompt counts = ASHA rungs
@@ -399,9 +399,9 @@ def run_tune(kind: str, cfg: SamplingTuneConfig | ScheduleTuneConfig, callbacks:
     if kind == "sampling":
         if not cfg.checkpoint:
             raise ValueError("tune sampling needs checkpoint=<weights folder>")
-        from model.checkpoint import read_meta
+        from jobs.train import weights_folder
 
-        read_meta(cfg.checkpoint)                     # a clear error here, not inside every trial
+        cfg.checkpoint = weights_folder(cfg.checkpoint)   # a clear error here, not inside every trial; one folder for all
         n = max(cfg.subsets)
         prompts = [r["prompt"] for r in read_prompts(cfg.prompts)] if cfg.prompts else random_prompts(n, seed=0)
         if len(prompts) < n:

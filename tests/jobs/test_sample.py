@@ -27,6 +27,9 @@ def test_sample_cli_from_a_checkpoint_writes_a_grid(tmp_path):
 
 def test_sample_cli_reports_bad_input(tmp_path):
     proc = run_cli("sample", "--checkpoint", tmp_path / "missing", check=False)
-    assert proc.returncode == 2 and "checkpoint folder" in proc.stderr and "does not exist" in proc.stderr
+    assert proc.returncode == 2 and "missing does not exist: give a weights folder, a checkpoint or a training run" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("sample", "--checkpoint", tmp_path / "empty", check=False)
+    assert proc.returncode == 2 and "empty has no model.json and no complete checkpoint in it" in proc.stderr
     proc = run_cli("sample", "--preset", "Q/7", "--steps", "1", "--out", tmp_path / "g.png", check=False)
     assert proc.returncode == 2 and "unknown model preset 'Q/7'" in proc.stderr
