@@ -45,7 +45,7 @@ def main() -> None:
 
     import ray
 
-    from jobs.config import from_dict
+    from pipelines.config import from_dict
     from model.text_encoder import build_tiny_t5
     from pipelines.curate import CurateConfig, curate
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jobs import config
+from pipelines import config
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "curate_finetune.yaml"
 

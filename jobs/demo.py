@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs import config as config_lib
+from pipelines import config as config_lib
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs import config as config_lib
+from pipelines import config as config_lib
 from jobs.generate import GenerateConfig, decode_png, generate_images, load_generated
 from jobs.metrics import artifacts, dpg, geneval, world
 from pipelines import storage

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import config as config_lib
+from pipelines import config as config_lib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

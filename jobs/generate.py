@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs import config as config_lib
+from pipelines import config as config_lib
 from model.denoiser import SamplerConfig
 from pipelines import manifest as manifest_lib
 from pipelines import storage

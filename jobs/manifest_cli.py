@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from jobs import config as config_lib
+from pipelines import config as config_lib
 from pipelines import manifest as manifest_lib
 
 

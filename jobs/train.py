@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from jobs import config as config_lib
+from pipelines import config as config_lib
 from jobs.train_data import DataConfig
 from jobs.train_step import EMAConfig, ModelConfig, OptimConfig
 from model.denoiser import DenoiserConfig

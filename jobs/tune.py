@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from jobs import config as config_lib
+from pipelines import config as config_lib
 from jobs.evaluate import MetricsConfig, Scorers
 from model.denoiser import DenoiserConfig, SamplerConfig
 from pipelines import storage

@@ -40,7 +40,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.config import to_dict
+from pipelines.config import to_dict
 from pipelines import manifest as manifest_lib
 from pipelines import storage
 from pipelines.contamination import ContaminationConfig, PromptIndex, load_prompts

@@ -127,7 +127,7 @@ def check_encoding(config: FetchConfig) -> None:
 
 def manifest_config(config: FetchConfig) -> dict[str, Any]:
     """The config as recorded in the manifest: where the output went is not part of what it is."""
-    from jobs.config import to_dict
+    from pipelines.config import to_dict
 
     return {k: v for k, v in to_dict(config).items() if k != "out"}
 
@@ -412,7 +412,7 @@ def retry_shard(config: FetchConfig, shard: Shard, fingerprint: str) -> dict[str
 
 
 def fingerprint_of(config: FetchConfig, input_sha256: str) -> str:
-    from jobs.config import to_dict
+    from pipelines.config import to_dict
 
     settings = {k: v for k, v in to_dict(config).items() if k in _SHARD_FIELDS}
     blob = json.dumps({"input": input_sha256, "settings": settings}, sort_keys=True)

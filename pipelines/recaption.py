@@ -345,7 +345,7 @@ def run(config: RecaptionConfig) -> manifest_lib.StageResult:
         "mean_t5_tokens": round(sum(m["stats"]["t5_tokens_sum"] for m in ordered) / captioned, 3) if captioned else 0.0,
         "prompt_length": config.prompt_length, "captioner": _captioner_id(config),
     }
-    from jobs.config import to_dict
+    from pipelines.config import to_dict
 
     manifest = manifest_lib.Manifest(
         kind="recaption", config={k: v for k, v in to_dict(config).items() if k not in ("out", "data")},

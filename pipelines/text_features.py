@@ -69,7 +69,7 @@ class EncodeShards:
     def __init__(self, config: dict[str, Any], fingerprint: str):
         import torch
 
-        from jobs.config import from_dict
+        from pipelines.config import from_dict
         from model.text_encoder import FrozenT5
 
         self.config = from_dict(EncodeTextConfig, config, where="encode-text config")
@@ -139,7 +139,7 @@ def run(config: EncodeTextConfig) -> manifest_lib.StageResult:
     import ray
     from tqdm import tqdm
 
-    from jobs.config import to_dict
+    from pipelines.config import to_dict
 
     if not config.data or not config.out:
         raise ValueError("encode-text needs both data (a dataset folder) and out (the output folder)")

@@ -20,7 +20,7 @@ from ray.train import TrainingFailedError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 
-from jobs import config as config_lib
+from pipelines import config as config_lib
 from jobs.train import TrainConfig, main, run_id
 from jobs.train_data import DataConfig, build_index, epoch_order, steps_per_epoch
 from pipelines import storage

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 from ray import tune
 
-from jobs import config as config_lib
+from pipelines import config as config_lib
 from jobs.generate import GenerateConfig, encode_png
 from jobs.tune import ObjectiveConfig, RunConfig, SamplingTuneConfig, ScheduleTuneConfig, objective_of, run_tune, search_space
 from model.denoiser import SamplerConfig

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.config import from_dict
+from pipelines.config import from_dict
 from model.text_encoder import build_tiny_t5
 from pipelines import manifest
 from pipelines.curate import CurateConfig, HammingIndex, aspect_bucket, caption_attributes, curate
