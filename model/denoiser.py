@@ -82,6 +82,20 @@ def drop_captions(mask: torch.Tensor, p: float, generator=None) -> torch.Tensor:
     return mask & keep[:, None]
 
 
+def per_sample_draws(generators: list[torch.Generator], image_shape: tuple[int, ...], cfg: DenoiserConfig,
+                     device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(caption keep [B], t [B], eps [B, C, H, W]) where sample i draws only from generators[i],
+    in a fixed order (keep, t, eps), with the distributions `training_loss` uses for a batch.
+    A job that seeds one generator per sample position gets the same loss however a batch is
+    split over workers, and a resumed step draws what the interrupted one drew."""
+    keep, t, eps = [], [], []
+    for g in generators:
+        keep.append(torch.rand((), generator=g, device=device) >= cfg.caption_dropout)
+        t.append(sample_t(1, cfg.t_mu, cfg.t_sigma, g, device)[0])
+        eps.append(torch.randn(image_shape, generator=g, device=device) * cfg.noise_scale)
+    return torch.stack(keep), torch.stack(t), torch.stack(eps)
+
+
 def training_loss(
     net: Net, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
     cfg: DenoiserConfig, generator: torch.Generator | None = None,
