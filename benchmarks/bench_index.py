@@ -21,7 +21,7 @@ import numpy as np
 
 
 def synthetic_index(rows: int, per_shard: int = 1000, group: int = 64):
-    from jobs.train_data import Index
+    from jobs.train.data import Index
 
     shards = -(-rows // per_shard)
     starts = np.arange(0, per_shard, group)
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from jobs.train_data import DataConfig, epoch_order, worker_rows
+    from jobs.train.data import DataConfig, epoch_order, worker_rows
 
     p = argparse.ArgumentParser(prog="minit2i bench index", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=10_000_000)

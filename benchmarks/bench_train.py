@@ -25,7 +25,7 @@ def _timed_steps(loop_config: dict) -> float:
     """Seconds per DeepSpeed step of the debug model on fixed random data (runs anywhere)."""
     import torch
 
-    from jobs.train_step import ModelConfig, OptimConfig, TrainStep, build_engine
+    from jobs.train.step import ModelConfig, OptimConfig, TrainStep, build_engine
     from model.denoiser import DenoiserConfig
 
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def bench_ingest(n: int = 3072, cpus: int = 2, rounds: int = 2) -> dict:
     import numpy as np
     import torch
 
-    from jobs.train_data import DataConfig, ReadRows, build_index, decode_crop, iter_batches, worker_rows
+    from jobs.train.data import DataConfig, ReadRows, build_index, decode_crop, iter_batches, worker_rows
 
     B = 16
     with tempfile.TemporaryDirectory() as tmp:

@@ -108,7 +108,7 @@ def bench_train(preset_name: str, batch: int, compile_: bool, steps: int, peak: 
 def bench_job_step(batch: int, zero_stage: int, compile_: bool, steps: int, peak: float | None) -> dict:
     """The job's own step on one GPU: DeepSpeed engine (bf16, ZeRO stage as given, one-process NCCL
     group), uint8 HWC images scaled on the device, per-sample noise draws, one EMA. Needs deepspeed."""
-    from jobs.train_step import OptimConfig, ShardedEMA, TrainStep, build_engine
+    from jobs.train.step import OptimConfig, ShardedEMA, TrainStep, build_engine
 
     torch.manual_seed(0)
     cfg = preset("B/16", text_dim=1024, image_size=512)

@@ -11,7 +11,6 @@ Each stage is the same code the real commands run; the demo only wires them with
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,9 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import config as config_lib
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
-
 
 @dataclass
 class WorldSection:
@@ -44,14 +40,6 @@ class DemoConfig:
     eval_prompts: int = 64                                     # world prompts sampled and checked
     generate: dict[str, Any] = field(default_factory=dict)     # GenerateConfig overrides
     tune: dict[str, Any] = field(default_factory=dict)         # SamplingTuneConfig overrides
-
-
-def _overrides(base: Any, values: dict[str, Any], where: str) -> Any:
-    """Apply a nested dict of overrides onto a config dataclass (unknown keys are an error)."""
-    merged = config_lib.to_dict(base)
-    for key, value in values.items():
-        merged = config_lib.apply_overrides(merged, [f"{key}={json.dumps(value)}"])
-    return config_lib.from_dict(type(base), merged, where)
 
 
 class Stages:
@@ -109,7 +97,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             write_world(str(out / "world"), world_cfg, cfg.world.n, server.base_url)
             print(f"{cfg.world.n} scenes at {cfg.world.size}px served from {server.base_url}")
         with stage("fetch"):
-            fetch_cfg = _overrides(fetch_lib.FetchConfig(
+            fetch_cfg = config_lib.override(fetch_lib.FetchConfig(
                 urls=str(out / "world" / "world.tsv"), out=str(out / "data" / "raw"), allow_hosts=["127.0.0.1"],
                 image_size=cfg.world.size, resize_mode="no", encode_format="png", encode_quality=1, shard_size=400,
             ), cfg.fetch, "demo fetch")
@@ -128,7 +116,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "dedup": {"near_threshold": 0},   # simple scenes share pHashes; keep only exact-pixel dedup tight
             "shard_rows": 500,
         }, "demo curate")
-        curate_cfg = _overrides(curate_cfg, cfg.curate, "demo curate")
+        curate_cfg = config_lib.override(curate_cfg, cfg.curate, "demo curate")
         curate(curate_cfg, read_units(curate_cfg))
         summary["curate_manifest"] = str(out / "data" / "curated" / "manifest.json")
         data_dir = str(out / "data" / "curated")
@@ -137,7 +125,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         with stage("recaption"):
             from pipelines import recaption as recaption_lib
 
-            rc = _overrides(recaption_lib.RecaptionConfig(data=data_dir, out=str(out / "data" / "recaptioned"),
+            rc = config_lib.override(recaption_lib.RecaptionConfig(data=data_dir, out=str(out / "data" / "recaptioned"),
                                                           t5_tokenizer="tiny-t5"), cfg.recaption, "demo recaption")
             result = recaption_lib.run(rc)
             print(recaption_lib.summary(result))
@@ -147,11 +135,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
               "the world's captions are exact, so training uses them as they are")
 
     with stage("train"):
-        from jobs.train import TrainConfig
-        from jobs.train import main as train_main
+        from jobs.train.config import TrainConfig
+        from jobs.train.driver import main as train_main
 
         train_cfg = config_lib.load(TrainConfig, _repo_path(cfg.train_config), [])
-        train_cfg = _overrides(train_cfg, {
+        train_cfg = config_lib.override(train_cfg, {
             "name": "demo", "storage_path": str(out / "runs"), "data.datasets": [data_dir],
             "logging.dir": str(out / "train_logs"), **cfg.train,
         }, "demo train")
@@ -162,9 +150,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     prompts = write_eval_prompts(out / "eval_prompts.txt", cfg.eval_prompts, cfg.world.size, cfg.world.seed)
     with stage("generate"):
         from jobs.generate import GenerateConfig, generate_images, load_generated
-        from jobs.sample import save_grid
+        from jobs.inference import save_grid
 
-        gen_cfg = _overrides(GenerateConfig(prompts=str(prompts), out=str(out / "samples"), checkpoint=weights,
+        gen_cfg = config_lib.override(GenerateConfig(prompts=str(prompts), out=str(out / "samples"), checkpoint=weights,
                                             seeds=[0]), {"sampler.steps": 25, "sampler.cfg_scale": 3.0, **cfg.generate},
                              "demo generate")
         gen = generate_images(gen_cfg)
@@ -183,14 +171,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         summary["eval"] = {k: v for k, v in scores.items() if k.startswith("world/") or "artifact" in k}
 
     with stage("tune"):
-        from jobs.tune import SamplingTuneConfig, run_tune
+        from jobs.tune.sampling import SamplingTuneConfig, run_sampling
 
-        tune_cfg = _overrides(SamplingTuneConfig(checkpoint=weights, prompts=str(prompts)), {
+        tune_cfg = config_lib.override(SamplingTuneConfig(checkpoint=weights, prompts=str(prompts)), {
             "subsets": [16, 32], "run.out": str(out / "tune"), "run.name": "sampling", "run.num_samples": 1,
             "space": {"cfg_scale": {"grid": [1.0, 2.0, 4.0, 6.0]}, "sampler": "euler", "steps": 15},
             **cfg.tune,
         }, "demo tune")
-        tuned = run_tune("sampling", tune_cfg)
+        tuned = run_sampling(tune_cfg)
         summary["tune"] = {"best": tuned["best"], "dir": tune_cfg.run.out}
 
     summary["stage_seconds"] = stage.times
@@ -236,12 +224,6 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     Console().print(table)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default: jobs/configs/demo.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. out=outputs/demo2 world.n=800")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_lib.load(DemoConfig, args.config, args.overrides)
+def run(cfg: DemoConfig) -> int:
     run_demo(cfg)
     return 0

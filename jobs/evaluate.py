@@ -5,12 +5,14 @@ Images come from a finished `minit2i generate` folder (`images=...`) or are gene
 artifact ratio; the synthetic-world checks run on prompts of the world grammar; CLIP score, FID,
 GenEval and DPG-Bench run when their weights (and files) are given. Output: `records.parquet` (one
 row per image, for slicing afterwards), `summary.json`, and a printed table. `score` is the same
-code path Tune calls.
+code path Tune calls and the train job's periodic evaluation runs.
+
+    minit2i eval images=gen out=ev metrics.clip_model=/models/clip
+    minit2i eval generate.prompts=evaluation_metadata.jsonl generate.checkpoint=ckpt metrics.geneval_detector=/models/det
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -239,15 +241,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     return summary
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML with EvalConfig fields (images, generate.*, metrics.*, out)")
-    p.add_argument("overrides", nargs="*",
-                   help="key=value overrides, e.g. images=gen out=ev metrics.clip_model=/models/clip "
-                        "or generate.prompts=p.txt generate.checkpoint=ckpt generate.sampler.cfg_scale=4")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_lib.load(EvalConfig, args.config, args.overrides)
+def run(cfg: EvalConfig) -> int:
     summary = evaluate(cfg)
     print_summary(summary, f"eval of {cfg.images or cfg.generate.checkpoint or 'a fresh model'}")
     print(f"wrote {storage.join(cfg.out, 'records.parquet')} and summary.json")

@@ -6,13 +6,14 @@ deterministic shards. Each shard is sampled by one call of a `SampleShard` actor
 loaded once per actor) and written as `shard-NNNNN.parquet` (key, index, seed, prompt, metadata,
 image PNG bytes or image_path, width, height, settings) followed by a marker in `_done/`; a rerun
 skips shards whose marker exists and refuses to mix images made with other settings. The manifest
-is written last. Image (index i, seed s) starts from the noise of `minit2i sample --seed s` for the
-i-th prompt, so single images can be reproduced with the plain sampler.
+is written last. Image (index i, seed s) starts from the noise `jobs.inference.image_noise` gives
+(i, s), the one `minit2i sample seed=s` uses for its i-th prompt, so single images can be re-made.
+
+    minit2i generate prompts=prompts.txt checkpoint=outputs/runs/debug seeds=[0,1] out=gen sampler.cfg_scale=4
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -150,17 +151,19 @@ class SampleShard:
     def __init__(self, cfg: dict, digest: str):
         import torch
 
-        from jobs.sample import load_model
+        from jobs.inference import load_model, resolve_sampler
 
         self.cfg = config_lib.from_dict(GenerateConfig, cfg)
         self.digest = digest
         device = torch.device("cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.net, self.encoder, meta = load_model(self.cfg.checkpoint, self.cfg.weights, self.cfg.preset,
                                                   self.cfg.text_encoder, device)
-        self.sampler = resolve_sampler(self.cfg, meta)
+        self.sampler = resolve_sampler(self.cfg.sampler, meta, self.cfg.noise_scale)
         self.settings = json.dumps(settings_of(self.cfg, meta, self.sampler), sort_keys=True)
 
     def sample(self, prompts: list[str], indices: list[int], seeds: list[int]) -> np.ndarray:
+        from jobs.inference import sample_images
+
         return sample_images(self.net, self.encoder, self.sampler, prompts, indices, seeds, self.cfg.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -177,28 +180,6 @@ class SampleShard:
             summary["rows"].append(n)
             summary["seconds"].append(time.perf_counter() - t0)
         return {k: np.asarray(v) for k, v in summary.items()}
-
-
-def sample_images(net, encoder, sampler: SamplerConfig, prompts: list[str], indices: list[int], seeds: list[int],
-                  batch_size: int = 16) -> np.ndarray:
-    """uint8 [B, H, W, 3]; image (i, s) starts from the noise `jobs.sample.generate` draws for prompt i, seed s."""
-    import torch
-
-    from jobs.sample import to_uint8
-    from model.denoiser import sample
-
-    c = net.config
-    device = next(net.parameters()).device
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        end = start + batch_size
-        text, mask = encoder(prompts[start:end])
-        noise = torch.stack([
-            torch.randn((c.in_channels, c.image_size, c.image_size), generator=torch.Generator().manual_seed(s * 1_000_003 + i))
-            for i, s in zip(indices[start:end], seeds[start:end])
-        ]).to(device)
-        out.append(to_uint8(sample(net, text, mask, tuple(noise.shape), sampler, noise=noise)))
-    return np.concatenate(out)
 
 
 def write_shard(out: str, k: int, indices: list[int], seeds: list[int], prompts: list[str], metadata: list[str],
@@ -233,11 +214,6 @@ def write_shard(out: str, k: int, indices: list[int], seeds: list[int], prompts:
     return len(keys)
 
 
-def resolve_sampler(cfg: GenerateConfig, meta: dict) -> SamplerConfig:
-    noise = cfg.noise_scale if cfg.noise_scale is not None else meta.get("denoiser", {}).get("noise_scale", cfg.sampler.noise_scale)
-    return dataclasses.replace(cfg.sampler, noise_scale=float(noise))
-
-
 def settings_of(cfg: GenerateConfig, meta: dict, sampler: SamplerConfig) -> dict:
     return {"checkpoint": cfg.checkpoint, "weights": meta.get("weights"), "text_encoder": cfg.text_encoder,
             "sampler": config_lib.to_dict(sampler), "patch_size": meta.get("model", {}).get("patch_size")}
@@ -251,19 +227,10 @@ def settings_digest(cfg: GenerateConfig, prompts_digest: str) -> str:
     return hashlib.sha256(json.dumps({**d, "prompts_sha256": prompts_digest}, sort_keys=True).encode()).hexdigest()
 
 
-def ensure_ray():
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray, unless this process already has one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
-    return ray
-
-
 def generate_images(cfg: GenerateConfig) -> dict[str, Any]:
     """Run the job; returns stats (images, generated, skipped_shards, seconds, images_per_s)."""
     if cfg.checkpoint:               # a run folder means its newest checkpoint now, for every actor and the digest
-        from jobs.train import weights_folder
+        from jobs.train.checkpoints import weights_folder
 
         cfg = dataclasses.replace(cfg, checkpoint=weights_folder(cfg.checkpoint))
     prompts = read_prompts(cfg.prompts)[: cfg.limit]
@@ -283,7 +250,9 @@ def generate_images(cfg: GenerateConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     generated = 0
     if pending:
-        ray = ensure_ray()
+        from jobs.ray_init import init_ray
+
+        ray = init_ray()
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
         ds = ds.map_batches(SampleShard, fn_constructor_kwargs={"cfg": config_lib.to_dict(cfg), "digest": digest},
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
@@ -319,17 +288,7 @@ def load_generated(root: str) -> list[dict[str, Any]]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML with GenerateConfig fields (e.g. a tune best_config.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prompts=p.txt out=gen seeds=[0,1] sampler.cfg_scale=4")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_lib.load(GenerateConfig, args.config, args.overrides)
+def run(cfg: GenerateConfig) -> int:
     stats = generate_images(cfg)
     print(f"generate: {stats['images']} images in {cfg.out} ({stats['generated']} new, "
           f"{stats['skipped_shards']} shards already done); {stats['images_per_s']:.2f} images/s")

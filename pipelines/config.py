@@ -211,6 +211,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def override(obj: T, values: dict[str, Any], where: str = "") -> T:
+    """`obj` (a config dataclass) with `values` set on top, as a YAML section of overrides holds
+    them (`{data.batch_size: 32, optim: {lr: 1e-3}}`): each key, dotted or not, is set to its value
+    as a whole, like one `key=value` on the command line."""
+    import json
+
+    merged = to_dict(obj)
+    for key, value in values.items():
+        merged = apply_overrides(merged, [f"{key}={json.dumps(value)}"])
+    return from_dict(type(obj), merged, where)
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """Load `cls` from a YAML file (or its defaults) with `key=value` overrides on top."""
     data: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
 Runs in any process that has a torch.distributed group (or none: a single process makes its own),
 so it can be profiled on a bare GPU box (`minit2i bench train`, benchmarks/gpu_bench.py).
-Ray Train's worker loop (jobs/train.py) only feeds it batches and saves what it returns.
+Ray Train's worker loop (jobs/train/loop.py) only feeds it batches and saves what it returns.
 
 World-size-independent state. A checkpoint holds full fp32 tensors, consolidated on rank 0 with
 DeepSpeed's own fragment API (`safe_get_full_fp32_param`, `safe_get_full_optimizer_state`), which
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from jobs.train_data import to_model_range
-from model.denoiser import DenoiserConfig, training_loss
+from jobs.train.data import to_model_range
+from model.denoiser import DenoiserConfig, per_sample_draws, training_loss
 from model.mmjit import MMJiT, MMJiTConfig, preset
 
 
@@ -127,12 +127,15 @@ def deepspeed_config(cfg: OptimConfig, batch: int, world: int, precision: str) -
     }
 
 
-def apply_activation_checkpointing(net: MMJiT) -> None:
+def apply_activation_checkpointing(net: torch.nn.Module) -> None:
     """Recompute every block's activations in backward (torch.utils.checkpoint), from the job:
-    the model stays plain. Patching `forward` on the instance keeps the state-dict names."""
+    the model stays plain. Patching `forward` on the instance keeps the state-dict names. The
+    blocks are the members of the network's top-level ModuleLists (its stacks of text and joint
+    blocks), found by type so no parameter or attribute name is written here."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in [*net.text_blocks, *net.blocks]:
+    blocks = [block for child in net.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+    for block in blocks:
         inner = block.forward
         block.forward = lambda *args, _f=inner, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
@@ -240,14 +243,18 @@ OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def build_engine(model_cfg: MMJiTConfig, optim: OptimConfig, batch: int, device: torch.device,
-                 weights: dict[str, torch.Tensor] | None = None):
+                 weights: dict[str, torch.Tensor] | None = None, init_seed: int = 0):
     """(DeepSpeed engine, precision) for a per-worker batch of `batch` images per optimiser step
-    (in optim.micro_batch passes). Weights, if given, are loaded before ZeRO partitions them."""
+    (in optim.micro_batch passes). Weights, if given, are loaded before ZeRO partitions them;
+    otherwise the initial weights are a function of `init_seed` (DeepSpeed broadcasts rank 0's),
+    so two runs of the same config start from the same model."""
     import deepspeed
 
     ensure_process_group(device)
     precision = resolve_precision(optim, device)
-    net = MMJiT(model_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        net = MMJiT(model_cfg)
     if weights is not None:
         missing, unexpected = net.load_state_dict(weights, strict=False)
         if missing or unexpected:
@@ -303,18 +310,12 @@ def load_moments(engine, moments: dict[str, torch.Tensor], step: int) -> None:
             safe_set_full_optimizer_state(p, value.to(torch.float32), key)
 
 
-def sample_draws(positions: list[int], seed: int, image_shape: tuple[int, ...], cfg: DenoiserConfig,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keep [b], t [b], eps [b, C, H, W]): each sample's noise from its own generator, seeded by
-    its global position in the run's sample stream, so a batch's loss does not depend on how it
-    is split over workers and a resumed step draws exactly what the interrupted one drew."""
-    keep, t, eps = [], [], []
-    for pos in positions:
-        g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, pos]).generate_state(1, np.uint64)[0]))
-        keep.append(torch.rand((), generator=g, device=device) >= cfg.caption_dropout)
-        t.append(torch.sigmoid(cfg.t_mu + cfg.t_sigma * torch.randn((), generator=g, device=device)))
-        eps.append(torch.randn(image_shape, generator=g, device=device) * cfg.noise_scale)
-    return torch.stack(keep), torch.stack(t), torch.stack(eps)
+def position_generators(positions: list[int], seed: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per sample, seeded by the run's seed and the sample's global position in the
+    run's sample stream: its noise, t and caption dropout (model.denoiser.per_sample_draws) do not
+    depend on how a batch is split over workers, and a resumed step draws what the interrupted one drew."""
+    return [torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, pos]).generate_state(1, np.uint64)[0]))
+            for pos in positions]
 
 
 class TrainStep:
@@ -362,7 +363,8 @@ class TrainStep:
             x = x.to(self.device, self.dtype, non_blocking=True)
         text = text.to(self.device, self.dtype, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
-        keep, t, eps = sample_draws(positions, self.seed, tuple(x.shape[1:]), self.denoiser, self.device)
+        generators = position_generators(positions, self.seed, self.device)
+        keep, t, eps = per_sample_draws(generators, tuple(x.shape[1:]), self.denoiser, self.device)
         weight = None if valid is None else valid.to(self.device)
         loss, _ = training_loss(self.engine, x, text, mask, self.denoiser, t=t, eps=eps, keep=keep, weight=weight)
         return loss
