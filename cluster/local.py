@@ -5,7 +5,7 @@
         c.dashboard_url   # http://...: the Job Submission API (`minit2i submit`, `ray job submit`)
         c.token           # the shared secret every request must carry
 
-    minit2i cluster up --workers 2 --cpus-per-node 2     # prints the env to export
+    minit2i cluster up workers=2 cpus_per_node=2         # prints the env to export
     minit2i cluster status
     minit2i cluster down
 
@@ -27,7 +27,6 @@ wrong); Ray's own clients (ray.init, `ray job submit`) find it through the same 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -358,44 +357,53 @@ def alive_nodes(dashboard_url: str, token: str | None) -> list[dict]:
 # -- `minit2i cluster up|down|status` ---------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--state", default=os.environ.get("MINIT2I_CLUSTER_STATE", str(DEFAULT_STATE)),
-                        help=f"state file of the running cluster (default $MINIT2I_CLUSTER_STATE or {DEFAULT_STATE})")
-    parser.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (up)")
-    parser.add_argument("--cpus-per-node", type=int, default=1, help="logical CPUs each worker node offers (up)")
-    parser.add_argument("--head-cpus", type=int, default=None, help="logical CPUs of the head (up; default --cpus-per-node)")
-    parser.add_argument("--object-store-mb", type=int, default=None, help="object store per node in MiB (up; default Ray's)")
-    parser.add_argument("--token-file", default=None,
-                        help="use the token in this file (up; default a new random token)")
+def _default_state() -> str:
+    return os.environ.get("MINIT2I_CLUSTER_STATE", str(DEFAULT_STATE))
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class ClusterCommandConfig:
+    state: str = field(default_factory=_default_state)   # state file of the running cluster ($MINIT2I_CLUSTER_STATE)
+    workers: int = 1                     # worker nodes besides the head (up)
+    cpus_per_node: int = 1               # logical CPUs each worker node offers (up)
+    head_cpus: int | None = None         # logical CPUs of the head (up; default cpus_per_node)
+    object_store_mb: int | None = None   # object store per node in MiB (up; default Ray's)
+    token_file: str | None = None        # use the token in this file (up; default a new random token)
+
+
+def up(args: ClusterCommandConfig) -> int:
     state_path = Path(args.state)
-    if args.action == "up":
-        if state_path.exists():
-            existing = LocalCluster.load(state_path)
-            if cluster_processes(existing.state):
-                raise ValueError(f"a local cluster is already running ({state_path}); `minit2i cluster down` first")
-            state_path.unlink()
-        token = Path(args.token_file).read_text().strip() if args.token_file else None
-        if args.token_file and not token:
-            raise ValueError(f"token file {args.token_file} is empty")
-        cluster = LocalCluster(num_workers=args.workers, cpus_per_node=args.cpus_per_node, head_cpus=args.head_cpus,
-                               token=token,
-                               object_store_memory=args.object_store_mb * 2**20 if args.object_store_mb else None)
-        cluster.start()
-        cluster.save(state_path)
-        print(f"local Ray cluster up: head + {args.workers} worker node(s); state {state_path}")
-        _print_env(cluster)
-        return 0
-    cluster = LocalCluster.load(state_path)
-    if args.action == "down":
-        cluster.stop()
-        state_path.unlink(missing_ok=True)
-        print("local Ray cluster stopped")
-        return 0
-    try:  # status
+    if state_path.exists():
+        existing = LocalCluster.load(state_path)
+        if cluster_processes(existing.state):
+            raise ValueError(f"a local cluster is already running ({state_path}); `minit2i cluster down` first")
+        state_path.unlink()
+    if args.token_file and not Path(args.token_file).is_file():
+        raise FileNotFoundError(f"token_file {args.token_file} does not exist")
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    if args.token_file and not token:
+        raise ValueError(f"token file {args.token_file} is empty")
+    cluster = LocalCluster(num_workers=args.workers, cpus_per_node=args.cpus_per_node, head_cpus=args.head_cpus,
+                           token=token,
+                           object_store_memory=args.object_store_mb * 2**20 if args.object_store_mb else None)
+    cluster.start()
+    cluster.save(state_path)
+    print(f"local Ray cluster up: head + {args.workers} worker node(s); state {state_path}")
+    _print_env(cluster)
+    return 0
+
+
+def down(args: ClusterCommandConfig) -> int:
+    state_path = Path(args.state)
+    LocalCluster.load(state_path).stop()
+    state_path.unlink(missing_ok=True)
+    print("local Ray cluster stopped")
+    return 0
+
+
+def status(args: ClusterCommandConfig) -> int:
+    cluster = LocalCluster.load(Path(args.state))
+    try:
         nodes = alive_nodes(cluster.dashboard_url, cluster.token)
     except (OSError, ValueError) as err:
         print(f"local Ray cluster at {cluster.dashboard_url} not answering: {err}", file=sys.stderr)

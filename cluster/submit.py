@@ -1,6 +1,6 @@
 """`minit2i submit`: run a minit2i command on a Ray cluster through Ray's Job Submission API.
 
-    minit2i submit --address http://HEAD:8265 --working-dir . -- train --config jobs/configs/b16_pretrain.yaml
+    minit2i submit --address http://HEAD:8265 working_dir=. -- train --config jobs/configs/b16_pretrain.yaml
     minit2i submit -- minit2i demo            # address and token from the environment
 
 The job's entrypoint is `minit2i <command...>` on the cluster, exactly what
@@ -10,13 +10,12 @@ own exit code (0 when the job succeeded, the driver's exit code when it failed).
 
 Address: --address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (the dashboard URL,
 http://HEAD:8265; a ray:// client address works too).
-Token: --token, else --token-file, else Ray's own sources in Ray's order: RAY_AUTH_TOKEN,
+Token: token=, else token_file=, else Ray's own sources in Ray's order: RAY_AUTH_TOKEN,
 RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token. It travels as `Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -24,6 +23,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -155,27 +155,19 @@ def submit(
     return 1
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=None,
-                        help="dashboard URL http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
-    parser.add_argument("--token", default=None, help="auth token (default: --token-file, $RAY_AUTH_TOKEN, "
-                        "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); prefer a file: argv is visible to other users")
-    parser.add_argument("--token-file", default=None, help="file holding the auth token")
-    parser.add_argument("--working-dir", default=None, help="local dir (or remote URI) uploaded as the job's working dir")
-    parser.add_argument("--runtime-env-json", default=None, help='runtime env as JSON, e.g. \'{"env_vars": {"A": "1"}}\'')
-    parser.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- <minit2i command and its options>")
+@dataclass
+class SubmitConfig:
+    address: str | None = None           # dashboard URL http://HEAD:8265 (--address; default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS)
+    token: str | None = None             # auth token; prefer token_file: argv is visible to other users
+    token_file: str | None = None        # file holding the auth token (default $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)
+    working_dir: str | None = None       # local dir (or remote URI) uploaded as the job's working dir
+    runtime_env: dict | None = None      # runtime env, e.g. runtime_env={env_vars: {A: "1"}}
+    wait: bool = True                    # stream the logs and wait for the job (false: return once accepted)
 
 
-def run(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    runtime_env = None
-    if args.runtime_env_json:
-        try:
-            runtime_env = json.loads(args.runtime_env_json)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--runtime-env-json is not valid JSON: {err}") from None
-        if not isinstance(runtime_env, dict):
-            raise ValueError("--runtime-env-json must be a JSON object")
+def run(args: SubmitConfig, command: list[str]) -> int:
+    """`command` is what followed `--`: a minit2i command line."""
+    if args.token_file and not Path(args.token_file).is_file():
+        raise FileNotFoundError(f"token_file {args.token_file} does not exist")
     return submit(command, address=args.address, token=resolve_token(args.token, args.token_file),
-                  working_dir=args.working_dir, runtime_env=runtime_env, wait=not args.no_wait)
+                  working_dir=args.working_dir, runtime_env=args.runtime_env, wait=args.wait)

@@ -1,11 +1,11 @@
-"""`minit2i bench NAME|all`: benchmarks (speed is measured here, never asserted in tests).
+"""`minit2i bench NAME|all [-- OPTIONS]`: benchmarks (speed is measured here, never asserted in tests).
 
-Each benchmark is a module under benchmarks/ with `main(argv) -> int`; register it in BENCHMARKS.
+Each benchmark is a module under benchmarks/ with `main(argv) -> int` and its own options, which
+follow `--` (`minit2i bench train -- --help`); register it in BENCHMARKS and in jobs/cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 
 # name -> (module, one-line help)
@@ -16,15 +16,26 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=[*BENCHMARKS, "all"], help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (NAME --help for its options)")
+def _run(name: str, argv: list[str]) -> int:
+    return int(importlib.import_module(BENCHMARKS[name][0]).main(argv) or 0)
 
 
-def run(args: argparse.Namespace) -> int:
-    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+def fetch(_cfg, argv: list[str]) -> int:
+    return _run("fetch", argv)
+
+
+def train(_cfg, argv: list[str]) -> int:
+    return _run("train", argv)
+
+
+def index(_cfg, argv: list[str]) -> int:
+    return _run("index", argv)
+
+
+def all_(_cfg, argv: list[str]) -> int:
+    if argv:
+        raise ValueError("bench all runs every benchmark with its defaults; give options to one benchmark (bench NAME -- ...)")
     status = 0
-    for name in names:
-        module = importlib.import_module(BENCHMARKS[name][0])
-        status |= int(module.main(args.args if args.name != "all" else []) or 0)
+    for name in BENCHMARKS:
+        status |= _run(name, [])
     return status

@@ -1,40 +1,24 @@
-"""`minit2i curate`: build the finetune set from its three public releases on a Ray cluster.
+"""`minit2i curate [--config FILE] [key=value ...]`: the finetune set from its three public releases.
 
-    minit2i curate --config jobs/configs/curate_finetune.yaml output=s3://bucket/finetune \\
-        sources.blip3o.paths=[/data/BLIP3o-60k] ...
+    minit2i curate output=s3://bucket/finetune sources.blip3o.paths=[/data/BLIP3o-60k] ...
 
-The job itself is pipelines/curate.py; this file only loads the config and connects to Ray.
+Settings default to jobs/configs/curate_finetune.yaml. The job itself is pipelines/curate.py;
+this file only reads the sources and connects to Ray (`--address`, RAY_ADDRESS or a local one).
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
-from pipelines import config
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "curate_finetune.yaml"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray on this machine)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output=/data/ft dedup.near_threshold=6")
-
-
-def run(args: argparse.Namespace) -> int:
-    from pipelines.curate import CurateConfig, curate, existing_output, read_units
-
-    cfg = config.load(CurateConfig, args.config, args.overrides)
-    existing_output(cfg.output, cfg.overwrite)
-    units = read_units(cfg)  # unknown layouts and missing files fail here, before Ray starts
+def run(cfg) -> int:
     import ray
 
     from jobs.ray_init import init_ray
+    from pipelines.curate import curate, existing_output, read_units
 
+    existing_output(cfg.output, cfg.overwrite)
+    units = read_units(cfg)  # unknown layouts and missing files fail here, before Ray starts
     started = not ray.is_initialized()
-    init_ray(args.address)
+    init_ray()
     try:
         result = curate(cfg, units)
     except ray.exceptions.RayTaskError as err:

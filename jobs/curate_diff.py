@@ -1,25 +1,25 @@
-"""`minit2i curate-diff A B`: the rows rebuild B added and removed relative to A, with reasons.
-
-A thin printer over `pipelines.manifest.diff_rows`, which any dataset CLI can call.
+"""`minit2i curate-diff A B [limit=50 json=true]`: the rows rebuild B added and removed relative to
+A, with reasons. A thin printer over `pipelines.manifest.diff_rows`, which any dataset CLI can call.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
+from dataclasses import dataclass
 
 from pipelines import manifest
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("a", help="dataset folder of the first build (local or s3://)")
-    parser.add_argument("b", help="dataset folder of the second build")
-    parser.add_argument("--limit", type=int, default=50, help="rows listed per direction (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print the whole diff as JSON")
+@dataclass
+class CurateDiffConfig:
+    a: str = ""                          # dataset folder of the first build (local or s3://)
+    b: str = ""                          # dataset folder of the second build
+    limit: int = 50                      # rows listed per direction
+    json: bool = False                   # print the whole diff as JSON
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: CurateDiffConfig) -> int:
     d = manifest.diff_rows(args.a, args.b)
     if args.json:
         print(json.dumps(d, indent=2, sort_keys=True))
@@ -37,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
             dup = f" (duplicate of {x['duplicate_of']})" if x["duplicate_of"] else ""
             print(f"  {'+' if title == 'added' else '-'} {x['row']}  {x['reason']}{dup}")
         if len(rows) > args.limit:
-            print(f"  ... {len(rows) - args.limit} more (--limit)")
+            print(f"  ... {len(rows) - args.limit} more (limit=N)")
     return 0

@@ -1,51 +1,39 @@
-"""`minit2i fetch`: download a URL list into Parquet shards on a Ray cluster (see pipelines/fetch.py).
+"""`minit2i fetch URLS OUT [key=value ...]`: a URL list into Parquet shards on Ray (pipelines/fetch.py).
 
-    minit2i fetch --urls cc12m.tsv --out s3://bucket/cc12m [--config fetch.yaml] [key=value ...]
-    minit2i fetch --urls cc12m.tsv --out s3://bucket/cc12m --retry-failed
+    minit2i fetch cc12m.tsv s3://bucket/cc12m [--config fetch.yaml] [threads=64 ...]
+    minit2i fetch cc12m.tsv s3://bucket/cc12m retry_failed=true
 
-Re-running the same command resumes: committed shards are skipped. Ray: joins the cluster in
-RAY_ADDRESS when set, otherwise starts a local instance (jobs/ray_init.py).
+Re-running the same command resumes: committed shards are skipped. Ray: `--address` or
+RAY_ADDRESS joins that cluster, otherwise a local instance starts (jobs/ray_init.py).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass
 
-from pipelines import config as config_lib
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--urls", required=True, help="URL list: tsv/csv/parquet/jsonl (local or s3://)")
-    parser.add_argument("--out", required=True, help="dataset folder (local path or s3://bucket/prefix)")
-    parser.add_argument("--config", default=None, help="YAML file with FetchConfig fields")
-    parser.add_argument("--shard-size", type=int, default=None, help="rows per shard (default 2000)")
-    parser.add_argument("--allow-hosts", action="append", default=None, metavar="HOST_OR_CIDR[,...]",
-                        help="host names or CIDRs exempt from the loopback/private/metadata address refusal")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="also re-fetch rows that failed with a retryable class (timeout, 429, 5xx, connection)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="FetchConfig overrides, e.g. threads=64")
+from pipelines.fetch import FetchConfig
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipelines import fetch
+@dataclass
+class FetchCommandConfig(FetchConfig):
+    retry_failed: bool = False           # also re-fetch rows that failed with a retryable class (timeout, 429, 5xx, connection)
 
-    cfg = config_lib.load(fetch.FetchConfig, args.config, args.overrides)
-    cfg.urls, cfg.out = args.urls, args.out
-    if args.shard_size is not None:
-        cfg.shard_size = args.shard_size
-    if args.allow_hosts is not None:
-        cfg.allow_hosts = [h.strip() for arg in args.allow_hosts for h in arg.split(",") if h.strip()]
 
-    from pipelines import storage
+def run(cfg: FetchCommandConfig) -> int:
+    from jobs.ray_init import init_ray
+    from pipelines import fetch, storage
 
+    if not cfg.urls or not cfg.out:
+        raise ValueError("fetch needs the URL list and the output folder: minit2i fetch URLS OUT")
     if not storage.exists(cfg.urls):  # say so before paying for a Ray start
         raise FileNotFoundError(f"URL list {cfg.urls} does not exist")
-    from jobs.ray_init import init_ray
-
-    init_ray()  # RAY_ADDRESS's cluster, else a local instance
+    # The dataset's config is FetchConfig's fields only: how a pass retries is not part of the data.
+    data_cfg = FetchConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FetchConfig)})
+    init_ray()
     try:
-        result = fetch.run(cfg, retry_failed=args.retry_failed)
+        result = fetch.run(data_cfg, retry_failed=cfg.retry_failed)
     except RuntimeError as err:  # shards that kept failing: committed ones are kept, resume later
         print(f"minit2i fetch: error: {err}", file=sys.stderr)
         return 1

@@ -1,30 +1,34 @@
 """`minit2i manifest show|verify|diff`: read a dataset folder's manifest (local or s3://).
 
-    minit2i manifest show DATASET [--json]     what the folder holds and how it was made
+    minit2i manifest show DATASET [json=true]  what the folder holds and how it was made
     minit2i manifest verify DATASET            re-hash every shard against the manifest (exit 1 on a mismatch)
     minit2i manifest diff DATASET_A DATASET_B  what differs between two builds (exit 1 when they differ)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from pipelines import config as config_lib
 from pipelines import manifest as manifest_lib
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True)
-    show = sub.add_parser("show", help="print the manifest")
-    show.add_argument("dataset")
-    show.add_argument("--json", action="store_true", help="the raw manifest.json")
-    verify = sub.add_parser("verify", help="re-hash the shards against the manifest")
-    verify.add_argument("dataset")
-    diff = sub.add_parser("diff", help="compare two builds")
-    diff.add_argument("a")
-    diff.add_argument("b")
+@dataclass
+class DatasetConfig:
+    dataset: str = ""                    # dataset folder (local or s3://) holding manifest.json
+
+
+@dataclass
+class ShowConfig(DatasetConfig):
+    json: bool = False                   # print the raw manifest.json
+
+
+@dataclass
+class DiffConfig:
+    a: str = ""                          # the first build's folder
+    b: str = ""                          # the second build's folder
 
 
 def format_show(m: manifest_lib.Manifest, where: str) -> str:
@@ -72,18 +76,22 @@ def differs(d: dict[str, Any]) -> bool:
                 or d["shards_added"] or d["shards_removed"] or d["shards_changed"])
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.action == "show":
-        m = manifest_lib.read(args.dataset)
-        print(m.to_json() if args.json else format_show(m, args.dataset), end="\n" if not args.json else "")
-        return 0
-    if args.action == "verify":
-        m = manifest_lib.read(args.dataset)
-        problems = manifest_lib.verify(args.dataset)
-        for p in problems:
-            print(f"MISMATCH {p}")
-        print(f"{args.dataset}: {len(m.shards)} shards, {len(problems)} problem(s)" + ("" if problems else ": OK"))
-        return 1 if problems else 0
+def show(args: ShowConfig) -> int:
+    m = manifest_lib.read(args.dataset)
+    print(m.to_json() if args.json else format_show(m, args.dataset), end="\n" if not args.json else "")
+    return 0
+
+
+def verify(args: DatasetConfig) -> int:
+    m = manifest_lib.read(args.dataset)
+    problems = manifest_lib.verify(args.dataset)
+    for p in problems:
+        print(f"MISMATCH {p}")
+    print(f"{args.dataset}: {len(m.shards)} shards, {len(problems)} problem(s)" + ("" if problems else ": OK"))
+    return 1 if problems else 0
+
+
+def diff(args: DiffConfig) -> int:
     d = manifest_lib.diff(manifest_lib.read(args.a), manifest_lib.read(args.b))
     print(format_diff(d, args.a, args.b))
     return 1 if differs(d) else 0

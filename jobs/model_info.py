@@ -1,20 +1,21 @@
-"""`minit2i model-info PRESET`: exact parameter count and analytic forward FLOPs of a preset."""
+"""`minit2i model-info PRESET [text_dim=1024 image_size=512]`: exact parameters and analytic FLOPs."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-from model.mmjit import PRESETS, count_params, forward_flops, preset
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("preset", help=f"one of {', '.join(PRESETS)}")
-    p.add_argument("--text-dim", type=int, default=None, help="text feature width (FLAN-T5-large: 1024)")
-    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (MiniT2I: 512)")
-    p.add_argument("--text-length", type=int, default=None, help="prompt length in tokens (MiniT2I: 256)")
+from model.mmjit import count_params, forward_flops, preset
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class ModelInfoConfig:
+    preset: str = "B/16"                 # a name in model.mmjit.PRESETS (B/16, B/32, L/16, debug)
+    text_dim: int | None = None          # text feature width (FLAN-T5-large: 1024); None = the preset's
+    image_size: int | None = None        # image side in pixels (MiniT2I: 512)
+    text_length: int | None = None       # prompt length in tokens (MiniT2I: 256)
+
+
+def run(args: ModelInfoConfig) -> int:
     overrides = {k: v for k, v in dict(text_dim=args.text_dim, image_size=args.image_size,
                                       text_length=args.text_length).items() if v is not None}
     cfg = preset(args.preset, **overrides)
@@ -26,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
           f"{cfg.num_heads} heads x {cfg.head_dim}, SwiGLU hidden {cfg.mlp_hidden}")
     print(f"  parameters: {params:,} ({params / 1e6:.1f}M)")
     print(f"  forward GFLOPs per image (denoiser only, text encoder excluded): {flops['total'] / 1e9:.1f}")
-    for part in ("patch_embed", "text_embed", "text_blocks", "joint_blocks", "final"):
-        print(f"    {part:<13} {flops[part] / 1e9:9.2f}")
+    for part, value in flops.items():
+        if part != "total":
+            print(f"    {part:<13} {value / 1e9:9.2f}")
     print(f"  training GFLOPs per image (~3x forward): {3 * flops['total'] / 1e9:.1f}")
     return 0

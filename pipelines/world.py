@@ -23,7 +23,6 @@ Files (`write_world`): `world.tsv` (url<TAB>caption, no header: the CC12M list f
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import io
@@ -403,42 +402,3 @@ class WorldServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-# --- `minit2i world` -------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder for world.tsv, specs.jsonl, manifest.json (local or s3://)")
-    parser.add_argument("--n", type=int, required=True, help="number of scenes")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
-    parser.add_argument("--relation-fraction", type=float, default=0.4, help="share of two-object relation scenes")
-    parser.add_argument("--format", default="png", choices=sorted(_FORMATS), help="image format served")
-    parser.add_argument("--host", default="127.0.0.1", help="host in the URLs and, with --serve, the bind address")
-    parser.add_argument("--port", type=int, default=8765, help="port in the URLs; 0 with --serve picks a free one")
-    parser.add_argument("--serve", action="store_true", help="serve the images until interrupted")
-
-
-def run(args: argparse.Namespace) -> int:
-    config = WorldConfig(seed=args.seed, size=args.size, relation_fraction=args.relation_fraction,
-                         image_format=args.format).validate()
-    if not args.serve:
-        if args.port == 0:
-            raise ValueError("--port 0 (a free port) only makes sense with --serve")
-        uri = write_world(args.out, config, args.n, f"http://{args.host}:{args.port}")
-        print(f"world: {args.n} scenes -> {args.out} ({URLS_NAME}, {SPECS_NAME}); manifest: {uri}")
-        return 0
-    # Bind first so the URL list carries the real port.
-    server = WorldServer(config, args.n, host=args.host, port=args.port)
-    uri = write_world(args.out, config, args.n, server.base_url)
-    print(f"world: {args.n} scenes -> {args.out}; manifest: {uri}")
-    print(f"serving {server.base_url}/scene/... (Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
-

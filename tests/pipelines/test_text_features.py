@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.train_data import DataConfig, ReadRows, build_index
+from jobs.train.data import DataConfig, ReadRows, build_index
 from model.text_encoder import FrozenT5, TextEncoderConfig
 from pipelines import manifest, storage, text_features
 from tests.conftest import run_cli
-from tests.jobs.train_fixtures import make_dataset
+from tests.jobs.train.fixtures import make_dataset
 
 L = 24   # prompt length: the longest captions ("a yellow square on the right") reach it in ByT5 bytes
 

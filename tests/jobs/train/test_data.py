@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.train_data import (DataConfig, DecodeCrop, ReadRows, build_index, epoch_order, steps_per_epoch, to_model_range,
+from jobs.train.data import (DataConfig, DecodeCrop, ReadRows, build_index, epoch_order, steps_per_epoch, to_model_range,
                              worker_rows)
-from tests.jobs.train_fixtures import make_dataset, square_png
+from tests.jobs.train.fixtures import make_dataset, square_png
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def test_index_skips_failed_fetches_and_tolerates_an_empty_shard(squares):
 
 
 def test_index_is_compact_and_refuses_numbers_past_int32(squares, monkeypatch):
-    import jobs.train_data as td
+    import jobs.train.data as td
 
     index = build_index(DataConfig(datasets=[squares]))
     assert index.rows.dtype == np.int32 and index.dataset_starts.tolist() == [0, 38]

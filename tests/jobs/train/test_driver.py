@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 
 from pipelines import config as config_lib
 from jobs.train import TrainConfig, main, run_id
-from jobs.train_data import DataConfig, build_index, epoch_order, steps_per_epoch
+from jobs.train.data import DataConfig, build_index, epoch_order, steps_per_epoch
 from pipelines import storage
 from tests.conftest import ROOT, run_cli
-from tests.jobs.train_fixtures import make_dataset, wandb_offline_history
+from tests.jobs.train.fixtures import make_dataset, wandb_offline_history
 
 G = 8  # global batch in every run
 

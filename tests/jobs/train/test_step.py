@@ -1,7 +1,8 @@
 """The Ray-free training step: DeepSpeed engine from our config, compiled or eager.
 
-Runs in a child process: the one-process gloo group and DeepSpeed's engine state stay out of the
-pytest process that the Ray tests share.
+Every engine runs in one child process: the one-process gloo group and DeepSpeed's engine state
+stay out of the pytest process that the Ray tests share, and torch, DeepSpeed and the compiler
+start once for all of them.
 """
 
 from __future__ import annotations
@@ -13,42 +14,57 @@ import time
 import pytest
 import torch
 
-from jobs.train_step import OptimConfig, resolve_compile
+from jobs.train.step import OptimConfig, resolve_compile
 
 
-def _steps(compile_: bool, stage: int, queue, micro_batch: int = 0) -> None:
+# (compile, ZeRO stage, micro batch) of every engine the tests compare; 0 = no accumulation.
+VARIANTS = [(False, 2, 0), (True, 1, 0), (True, 2, 0), (False, 2, 2), (False, 3, 1)]
+
+
+def _steps(variants, queue) -> None:
+    """Three steps of each variant's engine in this (child) process, one after the other: the
+    imports, the gloo group and the compile caches are paid once."""
     import torch
 
-    from jobs.train_step import OptimConfig, TrainStep, build_engine, full_state
+    from jobs.train.step import OptimConfig, TrainStep, build_engine, full_state
     from model.denoiser import DenoiserConfig
     from model.mmjit import MMJiT, preset
 
-    torch.manual_seed(0)
     cfg = preset("debug", depth=2)
-    weights = MMJiT(cfg).state_dict()
-    torch.nn.init.normal_(weights["final.weight"], std=0.02)      # a non-zero output, so every weight gets a gradient
-    optim = OptimConfig(lr=1e-3, warmup_steps=0, steps=3, zero_stage=stage, compile=compile_, micro_batch=micro_batch)
-    engine, precision = build_engine(cfg, optim, 4, torch.device("cpu"), weights)
-    step = TrainStep(engine, precision, DenoiserConfig(), optim, None, seed=0)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 256, (4, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8, generator=g)
-    text = torch.randn(4, cfg.text_length, cfg.text_dim, generator=g)
-    mask = torch.arange(cfg.text_length)[None] < torch.tensor([[5], [9], [30], [64]])
-    valid = torch.tensor([True, True, False, True])                # a row that failed to decode weighs 0
-    losses, norms = [], []
-    for i in range(3):
-        losses.append(step(i, x, text, mask, positions=[4 * i + j for j in range(4)], valid=valid)["loss"].item())
-        norms.append(step.grad_norm())                             # before clipping: sees how gradients were scaled
-    compiled = getattr(engine, "is_compiled", False)
-    assert engine.gradient_accumulation_steps() == 4 // (micro_batch or 4)
-    weights = {k: v.numpy() for k, v in full_state(engine)[0].items()}   # consolidated fp32 weights
-    queue.put((losses, weights, compiled, norms))
+    out = {}
+    for compile_, stage, micro_batch in variants:
+        torch.manual_seed(0)
+        net = MMJiT(cfg)
+        final = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]     # the zero-initialised output layer
+        torch.nn.init.normal_(final.weight, std=0.02)        # a non-zero output, so every weight gets a gradient
+        weights = net.state_dict()
+        optim = OptimConfig(lr=1e-3, warmup_steps=0, steps=3, zero_stage=stage, compile=compile_, micro_batch=micro_batch)
+        engine, precision = build_engine(cfg, optim, 4, torch.device("cpu"), weights)
+        step = TrainStep(engine, precision, DenoiserConfig(), optim, None, seed=0)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randint(0, 256, (4, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8, generator=g)
+        text = torch.randn(4, cfg.text_length, cfg.text_dim, generator=g)
+        mask = torch.arange(cfg.text_length)[None] < torch.tensor([[5], [9], [30], [64]])
+        valid = torch.tensor([True, True, False, True])                # a row that failed to decode weighs 0
+        losses, norms = [], []
+        for i in range(3):
+            losses.append(step(i, x, text, mask, positions=[4 * i + j for j in range(4)], valid=valid)["loss"].item())
+            norms.append(step.grad_norm())                             # before clipping: sees how gradients were scaled
+        compiled = getattr(engine, "is_compiled", False)
+        assert engine.gradient_accumulation_steps() == 4 // (micro_batch or 4)
+        state = {k: v.numpy() for k, v in full_state(engine)[0].items()}   # consolidated fp32 weights
+        out[(compile_, stage, micro_batch)] = (losses, state, compiled, norms)
+        engine.destroy()
+    queue.put(out)
 
 
-def _run(compile_: bool, stage: int, micro_batch: int = 0):
+@pytest.fixture(scope="module")
+def engines():
+    """{(compile, stage, micro batch): (losses, weights, compiled, grad norms)}, from one child process:
+    the one-process gloo group and DeepSpeed's engine state stay out of the pytest process."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_steps, args=(compile_, stage, queue, micro_batch))
+    proc = ctx.Process(target=_steps, args=(VARIANTS, queue))
     proc.start()
     deadline = time.monotonic() + 600
     while True:                                   # a child that dies fails the test now, not at the timeout
@@ -63,13 +79,13 @@ def _run(compile_: bool, stage: int, micro_batch: int = 0):
     return result
 
 
-def test_compiled_engine_trains_like_the_eager_one():
+def test_compiled_engine_trains_like_the_eager_one(engines):
     # ZeRO-1 and ZeRO-2 compiled against the eager ZeRO-2 engine (one process: the stages only
     # differ in how they partition, so the numbers must agree).
-    eager_losses, eager_state, eager_compiled, _ = _run(False, 2)
+    eager_losses, eager_state, eager_compiled, _ = engines[(False, 2, 0)]
     assert not eager_compiled and eager_losses[-1] != eager_losses[0]     # the optimiser really stepped
     for stage in (1, 2):
-        losses, state, compiled, _ = _run(True, stage)
+        losses, state, compiled, _ = engines[(True, stage, 0)]
         assert compiled                                              # the flag reached DeepSpeed
         assert state.keys() == eager_state.keys()                    # Module.compile keeps the parameter names
         assert losses == pytest.approx(eager_losses, rel=1e-4), stage
@@ -77,13 +93,13 @@ def test_compiled_engine_trains_like_the_eager_one():
             assert abs(value - eager_state[name]).max() < 1e-4, (stage, name)
 
 
-def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch():
+def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch(engines):
     # The batch of 4 in 2 passes of 2 (ZeRO-2) and 4 passes of 1 (ZeRO-3): every loss is a mean
     # over its micro batch and DeepSpeed divides each pass's gradient by the number of passes, so
     # the gradient (its norm) and the update are the whole batch's, up to summation order.
-    whole_losses, whole_state, _, whole_norms = _run(False, 2)
+    whole_losses, whole_state, _, whole_norms = engines[(False, 2, 0)]
     for stage, micro in ((2, 2), (3, 1)):
-        losses, state, _, norms = _run(False, stage, micro)
+        losses, state, _, norms = engines[(False, stage, micro)]
         assert losses == pytest.approx(whole_losses, rel=1e-4), (stage, micro)
         assert norms == pytest.approx(whole_norms, rel=1e-4), (stage, micro)
         for name, value in state.items():
@@ -107,12 +123,13 @@ def test_compile_setting_is_checked():
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    from jobs.train_step import apply_activation_checkpointing
+    from jobs.train.step import apply_activation_checkpointing
     from model.mmjit import MMJiT, preset
 
     torch.manual_seed(0)
     plain = MMJiT(preset("debug"))
-    torch.nn.init.normal_(plain.final.weight, std=0.02)
+    final = [m for m in plain.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.normal_(final.weight, std=0.02)
     ckpt = MMJiT(preset("debug"))
     ckpt.load_state_dict(plain.state_dict())
     apply_activation_checkpointing(ckpt)
