@@ -188,13 +188,15 @@ def build_config(spec: Spec, parsed: Parsed, where: str):
     from pipelines import config as config_lib
 
     n, required = len(spec.positionals), len(spec.positionals) - spec.optional
-    if not required <= len(parsed.positionals) <= n:
+    keys = {o.split("=", 1)[0] for o in parsed.overrides}
+    missing = [k for k in spec.positionals[len(parsed.positionals):required] if k not in keys]
+    if missing or len(parsed.positionals) > n:
         names = " ".join(k.upper() for k in spec.positionals) or "no positional arguments"
         got = f": {' '.join(parsed.positionals)}" if parsed.positionals else ""
         raise UsageError(f"takes {names} ({len(parsed.positionals)} given{got}); settings are key=value")
     if spec.config is None:
         if parsed.overrides or parsed.config:
-            raise UsageError(f"{where} takes no settings (key=value or --config)")
+            raise UsageError("takes no settings (key=value or --config)")
         return dict(zip(spec.positionals, parsed.positionals))
     cls = _load(spec.config)
     path = parsed.config or (os.path.join(ROOT, spec.default_config) if spec.default_config else None)
@@ -251,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"minit2i: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    where = f"minit2i {name}"
     try:
         parsed = split(rest)
         action, spec = resolve(name, parsed)
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MINIT2I_DEBUG"):
             raise
         message = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
-        print(f"minit2i {name}: error: {message}", file=sys.stderr)
+        print(f"{where}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -25,8 +25,6 @@ class WorldCommandConfig:
 def run(args: WorldCommandConfig) -> int:
     from pipelines.world import SPECS_NAME, URLS_NAME, WorldConfig, WorldServer, write_world
 
-    if args.n < 1:
-        raise ValueError(f"n must be >= 1 (the number of scenes), got {args.n}")
     config = WorldConfig(seed=args.seed, size=args.size, relation_fraction=args.relation_fraction,
                          image_format=args.format).validate()
     if not args.serve:

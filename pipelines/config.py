@@ -164,7 +164,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(types_), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(types_))}"
-        raise ValueError(f"unknown key {key!r} in {where or 'the config'}{hint}")
+        raise ValueError(f"unknown key {key!r}{' in ' + where if where else ''}{hint}")
     kwargs = {name: _convert(value, types_[name], _key(where, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)

@@ -156,10 +156,13 @@ def run_sampling(cfg: SamplingTuneConfig, callbacks: list | None = None) -> dict
     prompts = [r["prompt"] for r in read_prompts(cfg.prompts)] if cfg.prompts else random_prompts(n, seed=0)
     if len(prompts) < n:
         raise ValueError(f"subsets go up to {n} prompts but {cfg.prompts} has {len(prompts)}")
+    unknown = sorted(set(cfg.space) - set(default_sampling_space()))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in space: the sampling sweep searches {', '.join(default_sampling_space())}")
     search_space(cfg.space)                           # validate before starting anything
     init_ray()
     trainable = tune.with_parameters(sampling_trial, setup={"cfg": config_lib.to_dict(cfg), "prompts": prompts[:n]})
-    out = run_sweep(trainable, cfg.space, cfg.run, time_attr="training_iteration", max_t=len(cfg.subsets), grace=1,
+    out = run_sweep(trainable, cfg.space, cfg.run, nested=False, time_attr="training_iteration", max_t=len(cfg.subsets), grace=1,
                     resources={"cpu": 1.0 if cfg.run.cpus_per_trial is None else cfg.run.cpus_per_trial,
                                "gpu": cfg.run.gpus_per_trial},
                     max_concurrent=cfg.run.max_concurrent, reuse_actors=True, callbacks=callbacks)

@@ -202,7 +202,7 @@ def run_schedule(cfg: ScheduleTuneConfig, callbacks: list | None = None) -> dict
 
     train = base_train_config(cfg)
     params = space_keys(cfg.space)
-    search_space(cfg.space)                                        # validate before starting anything
+    search_space(cfg.space, nested=True)                           # validate before starting anything
     current = config_lib.to_dict(train)
     for key in params:                                             # every searched key is a TrainConfig key
         config_lib.override(train, {key: lookup(current, key)}, "space")
@@ -220,7 +220,7 @@ def run_schedule(cfg: ScheduleTuneConfig, callbacks: list | None = None) -> dict
     setup = {"train": config_lib.to_dict(train), "params": params, "index": index, "name": cfg.run.name,
              "logs": os.path.abspath(os.path.join(logs, "logs")), "objective": config_lib.to_dict(cfg.objective)}
     trainable = tune.with_parameters(schedule_trial, setup=setup)
-    out = run_sweep(trainable, cfg.space, cfg.run, time_attr="step", max_t=train.optim.steps,
+    out = run_sweep(trainable, cfg.space, cfg.run, nested=True, time_attr="step", max_t=train.optim.steps,
                     grace=min(cfg.report_every, train.optim.steps), resources={"cpu": driver_cpus},
                     max_concurrent=limit, reuse_actors=False, callbacks=[release_callback(), *(callbacks or [])],
                     stop_last_trials=False)

@@ -67,10 +67,10 @@ def _is_distribution(spec: Any) -> bool:
     return isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS
 
 
-def search_space(space: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """YAML search space -> Tune's. Each key is a constant, a one-key mapping
-    {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}, {choice: [...]}, {grid: [...]},
-    or a section of such keys (`denoiser: {t_mu: {uniform: [-1.6, 0.4]}}`), nested as the config is."""
+def search_space(space: dict[str, Any], nested: bool = False, where: str = "") -> dict[str, Any]:
+    """YAML search space -> Tune's. Each key is a constant or a one-key mapping
+    {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}, {choice: [...]}, {grid: [...]};
+    with `nested`, also a section of such keys (`denoiser: {t_mu: {uniform: [-1.6, 0.4]}}`), as the config nests."""
     from ray import tune
 
     kinds = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
@@ -83,8 +83,8 @@ def search_space(space: dict[str, Any], where: str = "") -> dict[str, Any]:
             if not isinstance(args, (list, tuple)) or (kind in ("uniform", "loguniform", "randint") and len(args) != 2):
                 raise ValueError(f"search space {name}: {kind} takes a list ({kind}: [lo, hi] or [a, b, ...]), got {args!r}")
             out[key] = kinds[kind](*args) if kind in ("uniform", "loguniform", "randint") else kinds[kind](list(args))
-        elif isinstance(spec, dict) and spec and not any(k in DISTRIBUTIONS for k in spec):
-            out[key] = search_space(spec, f"{name}.")
+        elif nested and isinstance(spec, dict) and spec and not any(k in DISTRIBUTIONS for k in spec):
+            out[key] = search_space(spec, nested, f"{name}.")
         elif isinstance(spec, dict):
             raise ValueError(f"search space {name}: use one of {', '.join(DISTRIBUTIONS)} (e.g. {{uniform: [1, 8]}}), got {spec!r}")
         else:
@@ -119,7 +119,7 @@ def experiment_path(cfg: SweepConfig) -> tuple[str, Any]:
     return root, fs
 
 
-def run_sweep(trainable, space: dict[str, Any], sweep: SweepConfig, *, time_attr: str, max_t: int, grace: int,
+def run_sweep(trainable, space: dict[str, Any], sweep: SweepConfig, *, nested: bool, time_attr: str, max_t: int, grace: int,
               resources: dict[str, float], max_concurrent: int | None, reuse_actors: bool,
               callbacks: list | None = None, stop_last_trials: bool = True) -> dict[str, Any]:
     """Run (or resume) a sweep with ASHA over `time_attr`; returns {"results", "rows", "interrupted", "resumed"}.
@@ -139,7 +139,7 @@ def run_sweep(trainable, space: dict[str, Any], sweep: SweepConfig, *, time_attr
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=search_space(space),
+            param_space=search_space(space, nested),
             tune_config=tune.TuneConfig(
                 metric="objective", mode="max", num_samples=sweep.num_samples,
                 reuse_actors=reuse_actors,

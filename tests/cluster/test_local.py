@@ -37,8 +37,7 @@ def http_status(url: str, token: str | None) -> int:
 @pytest.fixture(scope="module")
 def cli_cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster") / "cluster.json"
-    run_cli("cluster", "up", "--state", state, "--workers", "1", "--cpus-per-node", "1",
-            "--object-store-mb", "100", timeout=300)
+    run_cli("cluster", "up", f"state={state}", "workers=1", "cpus_per_node=1", "object_store_mb=100", timeout=300)
     cluster = LocalCluster.load(state)
     yield state, cluster
     if state.exists():  # the down test failed part way: still leave nothing running
@@ -52,7 +51,7 @@ def test_up_starts_a_head_and_a_worker_node_on_loopback(cli_cluster):
     assert sorted(n["is_head_node"] for n in nodes) == [False, True]
     assert {n["node_ip"] for n in nodes} == {LOOPBACK}
     assert all(n["resources_total"]["CPU"] == 1 for n in nodes)
-    status = run_cli("cluster", "status", "--state", state)
+    status = run_cli("cluster", "status", f"state={state}")
     assert "2 node(s) alive" in status.stdout
     assert f"export RAY_AUTH_TOKEN_PATH={cluster.token_path}" in status.stdout
     # The cluster's connections are all on loopback (listening sockets may be on a wildcard).
@@ -80,7 +79,7 @@ def test_token_auth_is_on(cli_cluster):
 
 def test_up_refuses_a_second_cluster_on_the_same_state(cli_cluster):
     state, _ = cli_cluster
-    again = run_cli("cluster", "up", "--state", state, check=False, timeout=60)
+    again = run_cli("cluster", "up", f"state={state}", check=False, timeout=60)
     assert again.returncode == 2 and "already running" in again.stderr
 
 
@@ -88,7 +87,7 @@ def test_down_leaves_no_process_and_no_files(cli_cluster):
     state, cluster = cli_cluster
     saved = json.loads(state.read_text())
     assert cluster_processes(cluster.state)
-    run_cli("cluster", "down", "--state", state, timeout=120)
+    run_cli("cluster", "down", f"state={state}", timeout=120)
     assert not state.exists() and not os.path.exists(saved["root"])
     assert cluster_processes(cluster.state) == []
     # Nothing anywhere still names the cluster's temp dir (raylets, workers, agents, drivers).
@@ -97,5 +96,5 @@ def test_down_leaves_no_process_and_no_files(cli_cluster):
         if any(saved["root"] in arg for arg in proc.info["cmdline"] or ()):
             leftovers.append(proc)
     assert leftovers == []
-    gone = run_cli("cluster", "status", "--state", state, check=False)
+    gone = run_cli("cluster", "status", f"state={state}", check=False)
     assert gone.returncode == 2 and "no local cluster state" in gone.stderr

@@ -28,13 +28,13 @@ def cluster():
 
 
 def submit(cluster: LocalCluster, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_cli("submit", "--address", cluster.dashboard_url, "--token-file", cluster.token_path, *args,
+    return run_cli("submit", "--address", cluster.dashboard_url, f"token_file={cluster.token_path}", *args,
                    check=False, timeout=180, env=env)
 
 
 def test_submit_runs_a_command_in_the_uploaded_working_dir_and_returns_0(cluster):
-    # A relative --out lands in the job's working dir: the checkout as uploaded to the cluster.
-    done = submit(cluster, "--working-dir", str(ROOT), "--", "world", "--out", "w", "--n", "4", "--size", "32")
+    # A relative output folder lands in the job's working dir: the checkout as uploaded to the cluster.
+    done = submit(cluster, f"working_dir={ROOT}", "--", "world", "w", "n=4", "size=32")
     assert done.returncode == 0, done.stderr
     assert "world: 4 scenes" in done.stdout          # the job's log, streamed
     assert "SUCCEEDED" in done.stderr
@@ -47,12 +47,11 @@ def test_submit_runs_a_command_in_the_uploaded_working_dir_and_returns_0(cluster
 
 
 def test_submit_returns_the_failed_commands_exit_status(cluster, tmp_path):
-    done = submit(cluster, "--", "minit2i", "world", "--out", str(tmp_path), "--n", "0")
+    done = submit(cluster, "--", "minit2i", "world", str(tmp_path), "n=0")
     assert done.returncode == 2                      # minit2i's exit status for bad input
     assert "need at least one scene" in done.stdout and "FAILED" in done.stderr
     # The runtime env reaches the driver: MINIT2I_DEBUG=1 turns the clean error into a traceback.
-    done = submit(cluster, "--runtime-env-json", '{"env_vars": {"MINIT2I_DEBUG": "1"}}',
-                  "--", "world", "--out", str(tmp_path), "--n", "0")
+    done = submit(cluster, "runtime_env={env_vars: {MINIT2I_DEBUG: '1'}}", "--", "world", str(tmp_path), "n=0")
     assert done.returncode == 1 and "Traceback" in done.stdout
 
 
@@ -60,7 +59,7 @@ def test_plain_ray_job_submit_works_with_the_token_env(cluster, tmp_path):
     ray_cli = str(Path(sys.executable).with_name("ray"))
     out = tmp_path / "plain"
     done = subprocess.run([ray_cli, "job", "submit", "--address", cluster.dashboard_url, "--",
-                           "minit2i", "world", "--out", str(out), "--n", "3", "--size", "32"],
+                           "minit2i", "world", str(out), "n=3", "size=32"],
                           env=cluster.env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert len((out / "world.tsv").read_text().splitlines()) == 3
@@ -73,11 +72,11 @@ def test_plain_ray_job_submit_works_with_the_token_env(cluster, tmp_path):
 
 
 def test_submit_without_the_right_token_is_refused(cluster, tmp_path):
-    wrong = run_cli("submit", "--address", cluster.dashboard_url, "--token", "not-the-token", "--",
-                    "world", "--out", str(tmp_path), "--n", "1", check=False, timeout=60)
+    wrong = run_cli("submit", "--address", cluster.dashboard_url, "token=not-the-token", "--",
+                    "world", str(tmp_path), "n=1", check=False, timeout=60)
     assert wrong.returncode == 2 and "refused the request" in wrong.stderr and "Forbidden" in wrong.stderr
     # No token from anywhere: no flag, no RAY_AUTH_TOKEN(_PATH), no ~/.ray/auth_token in this HOME.
-    none = run_cli("submit", "--address", cluster.dashboard_url, "--", "world", "--out", str(tmp_path), "--n", "1",
+    none = run_cli("submit", "--address", cluster.dashboard_url, "--", "world", str(tmp_path), "n=1",
                    check=False, timeout=60,
                    env={"HOME": str(tmp_path), "RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": "", "RAY_AUTH_MODE": "disabled"})
     assert none.returncode == 2 and "Authentication required" in none.stderr
@@ -85,8 +84,8 @@ def test_submit_without_the_right_token_is_refused(cluster, tmp_path):
 
 
 def test_entrypoint_checks_the_command():
-    assert entrypoint(["minit2i", "world", "--out", "a b"]) == "minit2i world --out 'a b'"
-    assert entrypoint(["world", "--n", "4"]) == "minit2i world --n 4"
+    assert entrypoint(["minit2i", "world", "a b"]) == "minit2i world 'a b'"
+    assert entrypoint(["world", "out", "n=4"]) == "minit2i world out n=4"
     with pytest.raises(ValueError, match="unknown minit2i command 'wrold'"):
         entrypoint(["wrold"])
     with pytest.raises(ValueError, match="nothing to submit"):

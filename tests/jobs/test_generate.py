@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jobs.generate import GenerateConfig, generate_images, load_generated, read_prompts
-from jobs.sample import generate, load_model, to_uint8
+from jobs.inference import load_model, sample_images
 from model.denoiser import SamplerConfig
 from pipelines import manifest
 from tests.jobs.metrics.helpers import make_checkpoint, write_prompts
@@ -35,9 +35,9 @@ def test_generate_writes_shards_and_resumes(ray_session, tmp_path, ckpt):
     assert rows[0]["image"].shape == (32, 32, 3)
     settings = json.loads(rows[0]["settings"])
     assert settings["weights"] == "ema_0.999" and settings["sampler"]["noise_scale"] == 1.0   # from the checkpoint
-    # Image (i, s) is exactly what `minit2i sample --seed s` draws for prompt i.
+    # Image (i, s) is exactly what `minit2i sample seed=s` draws for prompt i.
     net, enc, _ = load_model(str(ckpt), None, "debug", None, "cpu")
-    ref = to_uint8(generate(net, enc, CAPTIONS, SamplerConfig(sampler="euler", steps=2, cfg_scale=2.0, noise_scale=1.0), seed=1))
+    ref = sample_images(net, enc, SamplerConfig(sampler="euler", steps=2, cfg_scale=2.0, noise_scale=1.0), CAPTIONS, seeds=1)
     assert np.array_equal(rows[3]["image"], ref[1]) and rows[3]["prompt"] == CAPTIONS[1]
 
     # Resume: a finished run does nothing; a lost shard is redone identically, the others are kept.

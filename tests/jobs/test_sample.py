@@ -15,8 +15,8 @@ def test_sample_cli_from_a_checkpoint_writes_a_grid(tmp_path):
     torch.nn.init.normal_(net.final.weight, std=0.05)
     save_weights(tmp_path / "ckpt", net.state_dict(), cfg, TextEncoderConfig(str(t5), 16), DenoiserConfig(), name="ema_0.999")
     out = tmp_path / "grid.png"
-    args = ["sample", "--checkpoint", tmp_path / "ckpt", "--prompt", "a red circle", "--prompt", "two blue squares",
-            "--per-prompt", "2", "--steps", "3", "--cfg", "3", "--sampler", "euler", "--seed", "5", "--out", out]
+    args = ["sample", f"checkpoint={tmp_path / 'ckpt'}", "prompts=[a red circle, two blue squares]",
+            "per_prompt=2", "sampler.steps=3", "sampler.cfg_scale=3", "sampler.sampler=euler", "seed=5", f"out={out}"]
     proc = run_cli(*args)
     assert "ema_0.999" in proc.stdout
     first = Image.open(out).tobytes()
@@ -26,10 +26,10 @@ def test_sample_cli_from_a_checkpoint_writes_a_grid(tmp_path):
 
 
 def test_sample_cli_reports_bad_input(tmp_path):
-    proc = run_cli("sample", "--checkpoint", tmp_path / "missing", check=False)
+    proc = run_cli("sample", f"checkpoint={tmp_path / 'missing'}", check=False)
     assert proc.returncode == 2 and "missing does not exist: give a weights folder, a checkpoint or a training run" in proc.stderr
     (tmp_path / "empty").mkdir()
-    proc = run_cli("sample", "--checkpoint", tmp_path / "empty", check=False)
+    proc = run_cli("sample", f"checkpoint={tmp_path / 'empty'}", check=False)
     assert proc.returncode == 2 and "empty has no model.json and no complete checkpoint in it" in proc.stderr
-    proc = run_cli("sample", "--preset", "Q/7", "--steps", "1", "--out", tmp_path / "g.png", check=False)
+    proc = run_cli("sample", "preset=Q/7", "sampler.steps=1", f"out={tmp_path / 'g.png'}", check=False)
     assert proc.returncode == 2 and "unknown model preset 'Q/7'" in proc.stderr

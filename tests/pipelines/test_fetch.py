@@ -296,12 +296,12 @@ def test_killed_fetch_resumes_to_identical_shards(ray_session, image_server, tmp
     urls.write_text("".join(f"{u}\tcaption {i}\n" for i, u in enumerate(lines)))
     # One shard task at a time: each CLI run is a new Ray job with fresh workers, and every worker
     # pays img2dataset's import once; one worker keeps the test short on a 2-core machine.
-    args = ["--urls", str(urls), "--shard-size", "4", "--allow-hosts", "127.0.0.1", "timeout=5", "max_in_flight=1"]
+    args = ["shard_size=4", "allow_hosts=[127.0.0.1]", "timeout=5", "max_in_flight=1"]
 
     # The CLI joins the test's Ray instance (RAY_ADDRESS), as a job submitted to a cluster would.
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "fetch", "--out", killed, *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "fetch", str(urls), killed, *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -320,7 +320,8 @@ def test_killed_fetch_resumes_to_identical_shards(ray_session, image_server, tmp
     committed = os.listdir(os.path.join(killed, fetch.COMMIT_DIR))
     assert len(committed) < 3, "the run finished before it was killed; the test proved nothing"
 
-    resumed = run_cli("fetch", "--out", killed, *args, env={"RAY_ADDRESS": env["RAY_ADDRESS"]}, timeout=300)
+    # The resume names the cluster with --address instead: the same join.
+    resumed = run_cli("fetch", urls, killed, "--address", env["RAY_ADDRESS"], *args, env={"RAY_ADDRESS": ""}, timeout=300)
     assert "skipped (committed) " in resumed.stdout
 
     clean = str(tmp_path / "clean")

@@ -34,7 +34,7 @@ def test_show_and_verify(tmp_path):
     for needle in ("kind      fetch", "shards    2   rows 5", "shard_size = 3", "fetch.success_rate = 0.5",
                    "shard-00001.parquet  rows 2", "urls.tsv  sha256"):
         assert needle in shown, needle
-    raw = json.loads(run_cli("manifest", "show", root, "--json").stdout)
+    raw = json.loads(run_cli("manifest", "show", root, "json=true").stdout)
     assert raw["kind"] == "fetch" and len(raw["shards"]) == 2
     assert "2 shards, 0 problem(s): OK" in run_cli("manifest", "verify", root).stdout
 

@@ -175,7 +175,7 @@ def test_s3_fetch_recaption_manifest_roundtrip(s3_server, image_server, models, 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        proc = run_cli("fetch", "--urls", urls, "--out", data, "--shard-size", "2", "--allow-hosts", "127.0.0.1",
+        proc = run_cli("fetch", urls, data, "shard_size=2", "allow_hosts=[127.0.0.1]",
                        "timeout=5", "max_in_flight=1", env={"RAY_ADDRESS": ""}, timeout=300)
     finally:
         stop.set()
@@ -189,8 +189,8 @@ def test_s3_fetch_recaption_manifest_roundtrip(s3_server, image_server, models, 
     assert fetched.column("caption_llava").to_pylist() == [f"llava {i}" for i in range(4)]
     assert fetched.column("status").to_pylist() == ["success"] * 4
 
-    proc = run_cli("recaption", "--data", data, "--out", out, "--model", llava, "--t5-tokenizer", t5,
-                   "--max-new-tokens", "4", "--prompt", "describe this image", "batch_size=2",
+    proc = run_cli("recaption", data, out, f"model={llava}", f"t5_tokenizer={t5}",
+                   "max_new_tokens=4", "prompt=describe this image", "batch_size=2",
                    env={"RAY_ADDRESS": ""}, timeout=300)
     assert "4/4 rows captioned" in proc.stdout and "images/s" in proc.stdout
     assert all(_table(out).column("caption").to_pylist())

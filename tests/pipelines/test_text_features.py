@@ -98,9 +98,9 @@ def test_encode_text_names_a_corrupt_shard_and_keeps_what_it_committed(ray_sessi
 
 def test_encode_text_cli_on_s3(tmp_path, s3_server):
     data = make_dataset("s3://test-bucket/encode/squares", n=8, size=8, shards=2)
-    proc = run_cli("encode-text", "--data", data, "--out", "s3://test-bucket/encode/squares-t5",
+    proc = run_cli("encode-text", data, "s3://test-bucket/encode/squares-t5",
                    "text_encoder.prompt_length=16", "batch_size=4")
     assert "encode-text: 8 captions -> t5_features (tiny-t5, width 64, prompt length 16" in proc.stdout
     assert storage.exists("s3://test-bucket/encode/squares-t5/manifest.json")
-    bad = run_cli("encode-text", "--data", data, "--out", "s3://test-bucket/encode/x", "text_encoder.prompt_lenght=16", check=False)
+    bad = run_cli("encode-text", data, "s3://test-bucket/encode/x", "text_encoder.prompt_lenght=16", check=False)
     assert bad.returncode == 2 and "prompt_lenght" in bad.stderr

@@ -175,7 +175,7 @@ def read_tsv(path: Path) -> list[tuple[str, str]]:
 
 def test_cli_writes_a_cc12m_style_url_list_with_specs(tmp_path):
     out = tmp_path / "w"
-    args = ("world", "--out", out, "--n", "25", "--size", "32", "--seed", "4", "--port", "9999")
+    args = ("world", out, "n=25", "size=32", "seed=4", "port=9999")
     run_cli(*args)
     rows = read_tsv(out / "world.tsv")
     assert len(rows) == 25
@@ -195,7 +195,7 @@ def test_cli_writes_a_cc12m_style_url_list_with_specs(tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     run_cli(*args)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    bad = run_cli("world", "--out", out, "--n", "0", check=False)
+    bad = run_cli("world", out, "n=0", check=False)
     assert bad.returncode == 2 and "need at least one scene" in bad.stderr
 
 

@@ -111,3 +111,87 @@ def wandb_offline_history(run_file: str) -> tuple[str, list[dict]]:
             elif which == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return run, rows
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny training runs and what they leave behind
+# --------------------------------------------------------------------------------------------
+
+G = 8  # global batch of every tiny run
+
+
+def tiny(tmp, data: str, name: str, *overrides: str):
+    """The tiny run config every training test uses (debug preset, depth 1, 16px, tiny T5, 2 workers
+    unless overridden), with its checkpoints, logs and trace under `tmp`."""
+    from jobs.train.config import TrainConfig
+    from pipelines import config as config_lib
+    from tests.conftest import ROOT
+
+    return config_lib.load(TrainConfig, ROOT / "jobs/configs/debug.yaml", [
+        f"name={name}", f"storage_path={tmp / 'runs'}", f"data.datasets=[{data}]", f"data.batch_size={G}",
+        *TINY, f"logging.trace_dir={tmp / 'trace' / name}", f"logging.dir={tmp / 'logs' / name}",
+        "scaling.max_failures=0", *overrides])
+
+
+# The settings of `tiny` that decide what a run computes (a `tune schedule` trial sets the same).
+TINY = ["model.overrides={depth: 1, image_size: 16}", "text_encoder.prompt_length=16", "denoiser.caption_dropout=0.1",
+        "optim.lr=2e-3", "optim.warmup_steps=4", "ema.decays=[0.0, 0.999]", "checkpoint.every=4", "logging.every=4",
+        "logging.sample_every=0"]
+
+
+def trace(trace_dir) -> dict[int, dict[int, dict]]:
+    """step -> rank -> the last logged entry (a step re-done after a restart overwrites)."""
+    import json
+    from pathlib import Path
+
+    steps: dict[int, dict[int, dict]] = {}
+    for path in sorted(Path(trace_dir).glob("keys-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            steps.setdefault(e["step"], {})[e["rank"]] = e
+    return steps
+
+
+def step_losses(steps) -> list[float]:
+    """The run's loss per step: the mean of the workers' losses, as the loop all-reduces it."""
+    return [float(np.mean([e["loss"] for e in steps[s].values()])) for s in sorted(steps)]
+
+
+def expected_keys(data: str, steps: range) -> list[list[str]]:
+    """The keys each step must see, recomputed from the manifests, the seed and the order function."""
+    from jobs.train.data import DataConfig, build_index, epoch_order, steps_per_epoch
+
+    cfg = DataConfig(datasets=[data], batch_size=G, partitions=2)     # every run here: 2 streams
+    index = build_index(cfg)
+    keys = [pq.read_table(storage.resolve(s)[1], columns=["key"]).column("key").to_pylist() for s in index.shards]
+    spe = steps_per_epoch(index, G)
+    out = []
+    for s in steps:
+        epoch, within = divmod(s, spe)
+        gids = epoch_order(index, cfg, epoch)[within * G:(within + 1) * G]
+        out.append([keys[sid][row] for sid, row, _ in index.rows[gids]])
+    return out
+
+
+def assert_no_repeats_no_gaps(data: str, steps: dict, total: int) -> None:
+    assert sorted(steps) == list(range(total)), "every step ran exactly once in the final record"
+    seen = [sum((steps[s][r]["keys"] for r in sorted(steps[s])), []) for s in range(total)]
+    assert seen == expected_keys(data, range(total))
+
+
+def tensorboard_steps(log_dir, tag: str = "loss") -> list[int]:
+    """The steps TensorBoard shows for `tag` (its reader applies the writers' purges)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def latest(run_dir):
+    """The checkpoint folder with the highest step in a run folder."""
+    import json
+    from pathlib import Path
+
+    return max((p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()),
+               key=lambda p: json.loads((p / "train_state.json").read_text())["step"])

@@ -9,12 +9,6 @@ from jobs.train.data import (DataConfig, DecodeCrop, ReadRows, build_index, epoc
 from tests.jobs.train.fixtures import make_dataset, square_png
 
 
-@pytest.fixture(scope="module")
-def squares(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "squares"
-    return str(make_dataset(str(root), n=40, size=16, shards=3, failed=(3, 17), corrupt=(5,), empty_shard=True))
-
-
 def test_index_skips_failed_fetches_and_tolerates_an_empty_shard(squares):
     index = build_index(DataConfig(datasets=[squares]))
     assert len(index.shards) == 4 and index.num_rows == 38      # 40 rows, 2 failed fetches, 1 empty shard

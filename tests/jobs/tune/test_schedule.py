@@ -1,0 +1,196 @@
+"""`minit2i tune schedule` for real: each trial is a 2-worker Ray Train run (ZeRO-2 on CPU, the Ray
+Data ingest), swept by Ray Tune with ASHA, on a two-node Ray cluster on loopback.
+
+One sweep, run as a user runs it (the command line, `--address`), is checked by several tests:
+trial A (the debug schedule) has a worker killed after its first checkpoint, then the sweep is
+interrupted (Ctrl+C) after A's next checkpoint and restored by re-running the same command; trial B
+(t_mu = 3, almost clean images, whose v-loss is huge) is stopped by ASHA at the first rung. Every
+trial's losses are then compared with `minit2i train` runs of the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from jobs.train.checkpoints import newest_checkpoint
+from tests.conftest import ROOT
+from tests.jobs.conftest import state_of
+from tests.jobs.train.fixtures import TINY, assert_no_repeats_no_gaps, latest, step_losses, tensorboard_steps, tiny, trace
+
+STEPS, EVERY = 24, 4          # a trial's steps; reports (loss + eval scores + checkpoint) every 4 = ASHA rungs
+GOOD, BAD = -0.8, 3.0         # the searched denoiser.t_mu of trial A (MiniT2I's) and trial B
+
+
+def sweep_config(tmp_path, data: str) -> dict:
+    overrides = dict(item.split("=", 1) for item in TINY)
+    train = {k: yaml.safe_load(v) for k, v in overrides.items()}
+    train.update({
+        "data.datasets": [data], "data.batch_size": 8, "optim.steps": STEPS, "scaling.num_workers": 2,
+        "scaling.placement_strategy": "SPREAD", "scaling.max_failures": 2,
+        "logging.trace_dir": str(tmp_path / "trace"), "eval.count": 4, "eval.sampler.steps": 2,
+    })
+    return {
+        "train_config": "jobs/configs/debug.yaml", "train": train, "report_every": EVERY,
+        "space": {"denoiser": {"t_mu": {"grid": [GOOD, BAD]}}},
+        # The loss ranks schedules here because it is exact and quick; the default is the EMA's world score.
+        "objective": {"metric": "loss", "mode": "min"},
+        "run": {"out": str(tmp_path / "sweep"), "name": "sched", "num_samples": 1, "max_failures": 1},
+    }
+
+
+def wait_for(what: str, check, proc, timeout: float = 400):
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        assert proc.poll() is None, f"the sweep exited before {what}:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
+        time.sleep(0.2)
+
+
+def trial_dirs(sweep) -> list:
+    return sorted((sweep / "runs").glob("sched-*")) if (sweep / "runs").exists() else []
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, squares):
+    """The sweep on a real 2-node cluster (2 CPUs a node, token auth on): the first command is
+    interrupted, the second (the same command) restores and finishes it."""
+    from cluster.local import LocalCluster
+
+    tmp = tmp_path_factory.mktemp("schedule")
+    cfg = sweep_config(tmp, squares)
+    (tmp / "schedule.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp / "sweep"
+    with LocalCluster(num_workers=1, cpus_per_node=2, object_store_memory=200 << 20) as cluster:
+        command = [sys.executable, "-m", "jobs.cli", "tune", "schedule", "--config", str(tmp / "schedule.yaml"),
+                   "--address", cluster.address]
+        env = {**cluster.env(), "RAY_ADDRESS": ""}      # the address comes from the command line
+        first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            # Trial A: once the controller has registered its first checkpoint (step 4), kill rank 1.
+            run_a = wait_for("trial A's first checkpoint", lambda: next(
+                (d for d in trial_dirs(out) if registered_step(d) >= EVERY), None), first)
+            trace_a = tmp / "trace" / run_a.name
+            wait_for("trial A's workers", lambda: (trace_a / "pid-rank1.txt").exists(), first)
+            pids = {r: json.loads((trace_a / f"pid-rank{r}.txt").read_text()) for r in (0, 1)}
+            killed_at, registered_at_kill = max(trace(trace_a)), registered_step(run_a)
+            os.kill(pids[1]["pid"], signal.SIGKILL)
+            # Once the new worker group has a checkpoint registered, interrupt the sweep as Ctrl+C does.
+            wait_for("a checkpoint after the restart", lambda: registered_step(run_a) > registered_at_kill and any(
+                e["pid"] != pids[0]["pid"] for e in read_jsonl(trace_a / "keys-rank0.jsonl")), first)
+            interrupted_at, registered_at_interrupt = max(trace(trace_a)), registered_step(run_a)
+            first.send_signal(signal.SIGINT)
+            first_out, _ = first.communicate(timeout=300)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return {"tmp": tmp, "out": out, "cfg": cfg, "first": (first.returncode, first_out), "second": second,
+            "run_a": run_a, "pids": pids, "killed_at": killed_at, "interrupted_at": interrupted_at,
+            "registered_at_interrupt": registered_at_interrupt}
+
+
+def registered_step(run_dir) -> int:
+    """The step of the newest checkpoint Ray Train's controller has registered for a run (0: none)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):     # not written yet, or caught mid-write
+        return 0
+
+
+def read_jsonl(path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    except (OSError, ValueError):
+        return []
+
+
+def results(sweep) -> pd.DataFrame:
+    return pd.read_csv(sweep["out"] / "results.csv")
+
+
+def test_an_interrupted_sweep_restores_and_finishes(sweep):
+    code, out = sweep["first"]
+    assert code == 0 and "tune: interrupted; rerun the same command" in out, out[-3000:]
+    second = sweep["second"]
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "tune: resuming" in second.stdout and "a trial holds 3.75 CPUs, 0 GPUs; 1 at a time" in second.stdout
+    table = results(sweep)
+    assert len(table) == 2 and (table.status == "TERMINATED").all() and (table.error.isna() | (table.error == "")).all()
+    # Trial A went on from its own checkpoint: the restored attempt's first step is a checkpoint's.
+    entries = [json.loads(line) for line in (sweep["tmp"] / "trace" / sweep["run_a"].name / "keys-rank0.jsonl").read_text().splitlines()]
+    restarts = [i for i in range(1, len(entries)) if entries[i]["pid"] != entries[i - 1]["pid"]]
+    assert len(restarts) == 2, "one restart after the kill, one after the restore"
+    restored = entries[restarts[1]]["step"]
+    assert restored % EVERY == 0 and sweep["registered_at_interrupt"] <= restored <= sweep["interrupted_at"] + 1
+
+
+def test_asha_stops_the_bad_schedule_at_the_first_rung(sweep):
+    table = results(sweep).set_index("denoiser.t_mu")
+    assert table.loc[GOOD, "step"] == STEPS and table.loc[BAD, "step"] == EVERY
+    assert table.loc[BAD, "loss"] > 10 * table.loc[GOOD, "loss"]
+    # Every report carried the EMA's evaluation on the eval prompts and a checkpoint.
+    for col in ("world/overall", "artifact_ratio", "objective"):
+        assert table[col].notna().all(), col
+    assert (latest(sweep["run_a"]) / "eval_grid.png").is_file()
+    best = yaml.safe_load((sweep["out"] / "best_config.yaml").read_text())
+    assert best == {"denoiser": {"t_mu": GOOD}}
+    text = (sweep["out"] / "best_config.yaml").read_text()
+    assert f"minit2i train --config jobs/configs/debug.yaml denoiser.t_mu={GOOD}" in text
+    for name in ("plot.png", "best_grid.png", "worst_grid.png"):
+        assert (sweep["out"] / name).stat().st_size > 0
+
+
+def test_a_trial_whose_worker_dies_resumes_from_its_checkpoint(sweep, squares):
+    trace_a = sweep["tmp"] / "trace" / sweep["run_a"].name
+    first = sweep["pids"]
+    assert first[0]["node"] != first[1]["node"], "workers should land on both nodes (SPREAD)"
+    assert sweep["killed_at"] < STEPS - 1, "the trial finished before the kill"
+    after = json.loads((trace_a / "pid-rank1.txt").read_text())
+    assert after["pid"] != first[1]["pid"], "a new worker group took over"
+    # The restarted group went back to the last checkpoint (a multiple of 4) and re-did the steps
+    # after it (found by the process that logged each step: a kill right after a checkpoint re-does none).
+    entries = [json.loads(line) for line in (trace_a / "keys-rank0.jsonl").read_text().splitlines()]
+    logged = [e["step"] for e in entries]
+    restart = next(i for i in range(1, len(entries)) if entries[i]["pid"] != entries[i - 1]["pid"])
+    assert logged[restart] % EVERY == 0 and EVERY <= logged[restart] <= sweep["killed_at"] + 1
+    assert_no_repeats_no_gaps(squares, trace(trace_a), STEPS)
+    state = state_of(latest(sweep["run_a"]))
+    assert state["step"] == STEPS and state["samples"] == STEPS * 8
+    # TensorBoard shows each logged step once: each restart purged what the attempt before it logged after its checkpoint.
+    assert tensorboard_steps(sweep["out"] / "logs" / sweep["run_a"].name) == list(range(EVERY, STEPS + 1, EVERY))
+
+
+def test_every_trial_trains_as_minit2i_train_does(sweep, zero_runs, squares, runs):
+    """The same order, crop and draws: each trial's loss at every step it ran equals a `minit2i
+    train` run of its settings, bit for bit, through a killed worker and a restored sweep.
+    Trial A's settings are the session's 2-worker ZeRO-2 run's (16 of its 24 steps are compared);
+    trial B's are run here for the steps B ran."""
+    from jobs.train.driver import main
+
+    dirs = {d.name: d for d in trial_dirs(sweep["out"])}
+    assert len(dirs) == 2
+    b = next(name for name in dirs if name != sweep["run_a"].name)
+    trial_a = trace(sweep["tmp"] / "trace" / sweep["run_a"].name)
+    # Trial B's steps that both workers finished before ASHA's stop ended them.
+    trial_b = {s: ranks for s, ranks in trace(sweep["tmp"] / "trace" / b).items() if len(ranks) == 2}
+    assert sorted(trial_b) == list(range(len(trial_b))) and len(trial_b) >= EVERY
+    reference = zero_runs["zero2"]["steps"]
+    assert step_losses({s: trial_a[s] for s in range(16)}) == step_losses(reference)
+    assert [trial_a[s][0]["keys"] for s in range(16)] == [reference[s][0]["keys"] for s in range(16)]
+    n = max(trial_b) + 1
+    assert main(tiny(runs, squares, "bad-schedule", "scaling.num_workers=2", f"optim.steps={n}",
+                     f"denoiser.t_mu={BAD}")).error is None
+    assert step_losses(trial_b) == step_losses(trace(runs / "trace" / "bad-schedule"))
