@@ -60,7 +60,9 @@ def main() -> None:
             "filters": {"tokenizer": str(build_tiny_t5(root / "t5")), "min_side": 256},
             "parallelism": {"concurrency": os.cpu_count()},
         })
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
+        from jobs.ray_init import init_ray
+
+        init_ray(num_cpus=os.cpu_count())
         ray.data.DataContext.get_current().enable_progress_bars = False
         t0 = time.perf_counter()
         result = curate(cfg, log=lambda m: None)

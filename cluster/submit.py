@@ -115,7 +115,7 @@ def submit(
     runtime_env = dict(runtime_env or {})
     if working_dir:
         if "://" not in working_dir and not os.path.isdir(working_dir):
-            raise ValueError(f"--working-dir {working_dir} is not a directory")
+            raise ValueError(f"working_dir {working_dir} is not a directory")
         runtime_env["working_dir"] = working_dir
         if "://" not in working_dir:
             runtime_env.setdefault("excludes", DEFAULT_EXCLUDES)

@@ -47,7 +47,7 @@ def format_show(m: manifest_lib.Manifest, where: str) -> str:
         *[f"  {s.path}  rows {s.rows}  {s.bytes:,} bytes  sha256 {s.sha256[:16]}" for s in m.shards[:20]],
     ]
     if len(m.shards) > 20:
-        lines.append(f"  ... {len(m.shards) - 20} more (--json for all)")
+        lines.append(f"  ... {len(m.shards) - 20} more (json=true for all)")
     return "\n".join(lines)
 
 

@@ -1,10 +1,13 @@
-"""Connecting a job to Ray: an existing cluster when one is named, else a new local instance.
+"""Connecting a job to Ray, one way for every command: an existing cluster when one is named, else a
+new local instance.
 
-`address` (or RAY_ADDRESS) joins a running cluster, as `ray job submit` and KubeRay set it
-(RAY_ADDRESS=auto finds a `ray start` cluster on this host). With neither, a new local instance
-starts with the CPUs given, never some other cluster that happens to run on the host. MINIT2I_RAY_NODE_IP pins the local instance to
-one address (the tests keep every Ray socket on 127.0.0.3: Ray swaps 127.0.0.1 for the machine's
-outward address, other loopback addresses it keeps).
+`address` (or RAY_ADDRESS; the command line's `--address` sets it for the job and every process it
+starts) joins a running cluster, as `ray job submit` and KubeRay set it (RAY_ADDRESS=auto finds a
+`ray start` cluster on this host). With neither, a new local instance starts with the CPUs given,
+never some other cluster that happens to run on the host (a bare `ray.init()` would join it).
+MINIT2I_RAY_NODE_IP pins the local instance to one address (the tests keep every Ray socket on
+their own loopback address: Ray swaps 127.0.0.1 for the machine's outward address, other loopback
+addresses it keeps).
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class FetchConfig:
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
     threads: int = 32                    # concurrent downloads inside one shard task
     retries: int = 0                     # extra attempts per URL for retryable failures in a normal pass
-    retry_attempts: int = 3              # attempts per URL in a --retry-failed pass
+    retry_attempts: int = 3              # attempts per URL in a retry_failed=true pass
     backoff: float = 1.0                 # seconds before a URL's second attempt; doubles after each
     num_cpus: float = 1.0                # Ray resources per shard task
     max_shard_attempts: int = 3          # a shard task that crashes is resubmitted up to this many times
@@ -503,7 +503,7 @@ def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
     if storage.exists(manifest_uri):
         kind = manifest_lib.read(config.out).kind
         if kind != "fetch":
-            raise ValueError(f"{config.out} holds a {kind!r} dataset, not a fetch; choose another --out")
+            raise ValueError(f"{config.out} holds a {kind!r} dataset, not a fetch; choose another output folder")
     markers = manifest_lib.committed_markers(config.out, fingerprint, "fetched from another URL list or with other settings")
     todo = [s for s in shards if s.name not in markers]
     retry = [s for s in shards if retry_failed and s.name in markers
@@ -562,7 +562,7 @@ def stats_table(result: FetchResult) -> str:
     table.add_column("status class")
     table.add_column("rows", justify="right")
     table.add_column("share", justify="right")
-    table.add_column("retried by --retry-failed")
+    table.add_column("retried by retry_failed=true")
     for cls, n in sorted(stats["status_class"].items(), key=lambda kv: -kv[1]):
         table.add_row(cls, str(n), f"{100 * n / rows:.1f}%", "yes" if cls in RETRYABLE else "")
     console = Console(file=io.StringIO(), width=100, force_terminal=False)

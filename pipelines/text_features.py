@@ -196,7 +196,7 @@ def features_of(root: str) -> dict[str, Any]:
     stats = manifest_lib.read(root).stats.get("encode_text")
     if not stats:
         raise ValueError(f"data.text_features is set but dataset {root} has no cached T5 features "
-                         f"(run `minit2i encode-text --data {root} --out <folder>` and train on that folder)")
+                         f"(run `minit2i encode-text {root} <folder>` and train on that folder)")
     return stats
 
 

@@ -9,7 +9,7 @@ services. So, by default:
 - the host is resolved once, every resolved address is checked, and the connection is made to the
   checked address itself (no second DNS lookup an attacker could answer differently);
 - redirects are followed here, one hop at a time, each hop checked like the first URL;
-- the user may allow hosts by name or CIDR (`--allow-hosts 127.0.0.1` for a loopback test server;
+- the user may allow hosts by name or CIDR (`allow_hosts=[127.0.0.1]` for a loopback test server;
   127.0.0.2 stays forbidden then).
 
 Why not urllib (what img2dataset's `download_image` uses): `urlopen` resolves names and follows
@@ -63,7 +63,7 @@ class AllowList:
                 networks.append(ipaddress.ip_network(entry, strict=False))  # "127.0.0.1" -> /32
             except ValueError:
                 if "/" in entry or " " in entry:
-                    raise ValueError(f"--allow-hosts entry {entry!r} is neither a host name nor a CIDR") from None
+                    raise ValueError(f"allow_hosts entry {entry!r} is neither a host name nor a CIDR") from None
                 names.add(entry.rstrip("."))
         return cls(frozenset(names), tuple(networks))
 

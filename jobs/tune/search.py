@@ -112,6 +112,46 @@ def lookup(config: dict, key: str) -> Any:
     return config
 
 
+def resumable_asha(state_uri: str, **kwargs):
+    """ASHA whose rungs (each trial's objective at each milestone) survive `Tuner.restore`.
+
+    Tune restores trials but not its scheduler's records (ASHAScheduler.save/restore are never
+    called by the Tuner), so a restored sweep would judge the next trials against empty rungs and
+    stop none of them early. This one writes its rungs to `state_uri` (beside the experiment, local
+    or s3://) whenever it records a result, and reads them back before its first trial."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class ResumableASHA(ASHAScheduler):
+        def __init__(self, state_uri: str, **kwargs):
+            super().__init__(**kwargs)
+            self.state_uri, self.loaded = state_uri, False
+
+        def on_trial_add(self, tune_controller, trial):
+            if not self.loaded:
+                self.loaded = True
+                if storage.exists(self.state_uri):
+                    saved = json.loads(storage.read_bytes(self.state_uri))
+                    for bracket, rungs in zip(self._brackets, saved):
+                        for (_, recorded), values in zip(bracket._rungs, rungs):
+                            recorded.update(values)
+            super().on_trial_add(tune_controller, trial)
+
+        def _save(self) -> None:
+            rungs = [[dict(recorded) for _, recorded in bracket._rungs] for bracket in self._brackets]
+            storage.write_bytes(self.state_uri, json.dumps(rungs).encode())
+
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            self._save()
+            return action
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            super().on_trial_complete(tune_controller, trial, result)
+            self._save()
+
+    return ResumableASHA(state_uri, **kwargs)
+
+
 def experiment_path(cfg: SweepConfig) -> tuple[str, Any]:
     """(<out>/ray/<name>, its pyarrow filesystem or None for local disk)."""
     fs = storage.s3_filesystem() if storage.is_s3(cfg.out) else None
@@ -125,18 +165,19 @@ def run_sweep(trainable, space: dict[str, Any], sweep: SweepConfig, *, nested: b
     """Run (or resume) a sweep with ASHA over `time_attr`; returns {"results", "rows", "interrupted", "resumed"}.
     stop_last_trials=False lets a trial that reaches max_t end by itself instead of being stopped."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = tune.with_resources(trainable, resources)
     root, fs = experiment_path(sweep)
     exp_path = storage.join(root, sweep.name)
+    rungs = storage.join(exp_path, "asha_rungs.json")
     resumed = False
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         print(f"tune: resuming {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=fs)
         resumed = True
     else:
+        storage.write_bytes(rungs, b"[]")                 # a new sweep under an old name starts with empty rungs
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(space, nested),
@@ -145,8 +186,9 @@ def run_sweep(trainable, space: dict[str, Any], sweep: SweepConfig, *, nested: b
                 reuse_actors=reuse_actors,
                 # The limit goes to the generator itself: Tune ignores max_concurrent_trials for it.
                 search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent or 0),
-                scheduler=ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=grace,
-                                        reduction_factor=sweep.reduction_factor, stop_last_trials=stop_last_trials),
+                scheduler=resumable_asha(rungs, time_attr=time_attr, max_t=max_t,
+                                         grace_period=grace, reduction_factor=sweep.reduction_factor,
+                                         stop_last_trials=stop_last_trials),
             ),
             run_config=tune.RunConfig(
                 name=sweep.name, storage_path=root, storage_filesystem=fs, verbose=0, callbacks=callbacks,
