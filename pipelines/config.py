@@ -53,9 +53,9 @@ class _Mismatch(Exception):
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """`value` as type `tp`, or ValueError naming `where` and what it takes.
 
-    Conversions are the ones YAML and the command line need and nothing more: an int where a float
-    is expected, `2e-3` (a string to YAML 1.1) to a float, a list to a tuple, a single value to a
-    one-element list (`data.datasets=/data/x`), a mapping to a section.
+    Conversions are the ones YAML and the command line need and nothing more: `2e-3` (a string to
+    YAML 1.1) to a float, a list to a tuple, a single value to a one-element list
+    (`data.datasets=/data/x`), a mapping to a section. An int stays an int where a float is expected.
     """
     try:
         return _fit(value, tp, where)
@@ -117,7 +117,7 @@ def _fit(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise _Mismatch
         if isinstance(value, (int, float)):
-            return float(value)
+            return value                                  # an int is a number too (kept as written: configs hash as given)
         if isinstance(value, str):                        # YAML 1.1 reads `2e-3` (no dot) as a string
             try:
                 return float(value)

@@ -105,3 +105,22 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"minit2i {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `minit2i ARGS` in this process (the console script's own `main`): for cases that end
+    before any cluster is joined, without a subprocess start each. Returns (exit code, stdout, the
+    error line)."""
+    from jobs.cli import main
+
+    monkeypatch.delenv("MINIT2I_DEBUG", raising=False)
+
+    def call(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        errors = [line for line in err.splitlines() if line.startswith("minit2i ")]
+        assert len(errors) <= 1, err
+        return code, out, errors[0] if errors else ""
+
+    return call

@@ -148,6 +148,9 @@ def run_sampling(cfg: SamplingTuneConfig, callbacks: list | None = None) -> dict
     from jobs.train.checkpoints import weights_folder
     from jobs.tune.reports import write_reports
 
+    unknown = sorted(set(cfg.space) - set(default_sampling_space()))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in space: the sampling sweep searches {', '.join(default_sampling_space())}")
     if not cfg.checkpoint:
         raise ValueError("tune sampling needs checkpoint=<weights folder, checkpoint or run folder>")
     cfg.checkpoint = weights_folder(cfg.checkpoint)   # a clear error here, not inside every trial; one folder for all
@@ -156,9 +159,6 @@ def run_sampling(cfg: SamplingTuneConfig, callbacks: list | None = None) -> dict
     prompts = [r["prompt"] for r in read_prompts(cfg.prompts)] if cfg.prompts else random_prompts(n, seed=0)
     if len(prompts) < n:
         raise ValueError(f"subsets go up to {n} prompts but {cfg.prompts} has {len(prompts)}")
-    unknown = sorted(set(cfg.space) - set(default_sampling_space()))
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} in space: the sampling sweep searches {', '.join(default_sampling_space())}")
     search_space(cfg.space)                           # validate before starting anything
     init_ray()
     trainable = tune.with_parameters(sampling_trial, setup={"cfg": config_lib.to_dict(cfg), "prompts": prompts[:n]})

@@ -16,21 +16,6 @@ from jobs.cli import COMMANDS, main, split
 from tests.conftest import run_cli
 
 
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run `minit2i ARGS` in this process; returns (exit code, stdout, the error line)."""
-    monkeypatch.delenv("MINIT2I_DEBUG", raising=False)
-
-    def call(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        errors = [line for line in err.splitlines() if line.startswith("minit2i ")]
-        assert len(errors) <= 1, err
-        return code, out, errors[0] if errors else ""
-
-    return call
-
-
 def bad_input_cases(tmp):
     """command -> [(args, the error line must contain)]: an unknown key, a wrong type, a missing file."""
     missing = tmp / "missing"

@@ -25,11 +25,11 @@ def test_sample_cli_from_a_checkpoint_writes_a_grid(tmp_path):
     assert Image.open(out).tobytes() == first            # same seed, same grid
 
 
-def test_sample_cli_reports_bad_input(tmp_path):
-    proc = run_cli("sample", f"checkpoint={tmp_path / 'missing'}", check=False)
-    assert proc.returncode == 2 and "missing does not exist: give a weights folder, a checkpoint or a training run" in proc.stderr
+def test_sample_cli_reports_bad_input(tmp_path, cli):
+    code, _, error = cli("sample", f"checkpoint={tmp_path / 'missing'}")
+    assert code == 2 and "missing does not exist: give a weights folder, a checkpoint or a training run" in error
     (tmp_path / "empty").mkdir()
-    proc = run_cli("sample", f"checkpoint={tmp_path / 'empty'}", check=False)
-    assert proc.returncode == 2 and "empty has no model.json and no complete checkpoint in it" in proc.stderr
-    proc = run_cli("sample", "preset=Q/7", "sampler.steps=1", f"out={tmp_path / 'g.png'}", check=False)
-    assert proc.returncode == 2 and "unknown model preset 'Q/7'" in proc.stderr
+    code, _, error = cli("sample", f"checkpoint={tmp_path / 'empty'}")
+    assert code == 2 and "empty has no model.json and no complete checkpoint in it" in error
+    code, _, error = cli("sample", "preset=Q/7", "sampler.steps=1", f"out={tmp_path / 'g.png'}")
+    assert code == 2 and "unknown model preset 'Q/7'" in error

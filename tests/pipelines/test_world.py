@@ -202,7 +202,7 @@ def test_cli_writes_a_cc12m_style_url_list_with_specs(tmp_path):
 def test_cli_serve_answers_the_urls_it_wrote(tmp_path):
     out = tmp_path / "served"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "world", "--out", str(out), "--n", "6", "--size", "32", "--port", "0", "--serve"],
+        [sys.executable, "-m", "jobs.cli", "world", str(out), "n=6", "size=32", "port=0", "serve=true"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

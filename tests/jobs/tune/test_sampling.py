@@ -94,12 +94,12 @@ def test_the_weights_file_is_searched_by_default(ckpt):
     assert expand_weights({"weights": None}, names)["weights"] is None
 
 
-def test_tune_cli_reports_bad_input(tmp_path):
-    from tests.conftest import run_cli
-
-    proc = run_cli("tune", "sampling", f"run.out={tmp_path}", check=False)
-    assert proc.returncode == 2 and "needs checkpoint" in proc.stderr
-    proc = run_cli("tune", "sampling", f"checkpoint={tmp_path}", check=False)
-    assert proc.returncode == 2 and "has no model.json" in proc.stderr
-    proc = run_cli("tune", "sampling", "objective.mode=maybe", check=False)
-    assert proc.returncode == 2 and "objective.mode must be max or min" in proc.stderr
+def test_tune_cli_reports_bad_input(tmp_path, cli):
+    code, _, error = cli("tune", "sampling", f"run.out={tmp_path}")
+    assert code == 2 and "needs checkpoint" in error
+    code, _, error = cli("tune", "sampling", f"checkpoint={tmp_path}")
+    assert code == 2 and "has no model.json" in error
+    code, _, error = cli("tune", "sampling", "objective.mode=maybe")
+    assert code == 2 and "objective.mode must be max or min" in error
+    code, _, error = cli("tune", "sampling", f"checkpoint={tmp_path}", "space={cfg_scal: 2}")
+    assert code == 2 and "unknown key 'cfg_scal' in space: the sampling sweep searches cfg_scale" in error
