@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.denoiser import (
-    DenoiserConfig, SamplerConfig, add_noise, guided_velocity, sample, timesteps, training_loss, x_to_v,
+    DenoiserConfig, SamplerConfig, add_noise, guided_velocity, per_sample_draws, sample, timesteps, training_loss, x_to_v,
 )
 from model.mmjit import MMJiT, preset
 
@@ -54,6 +54,26 @@ def test_caption_dropout_zeroes_whole_masks():
     rows_dropped = (~m.any(1)).float().mean().item()
     assert ((m.all(1)) | (~m.any(1))).all()          # rows are all-kept or all-dropped
     assert 0.08 < rows_dropped < 0.12
+
+
+def test_per_sample_draws_depend_on_each_samples_generator_only():
+    cfg = DenoiserConfig(t_mu=-0.8, t_sigma=0.8, noise_scale=2.0, caption_dropout=0.1)
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    keep, t, eps = per_sample_draws(gens(range(4000)), (3, 2, 2), cfg)
+    assert keep.shape == t.shape == (4000,) and eps.shape == (4000, 3, 2, 2)
+    # Sample 7's draws are the same alone, first, or among other neighbours.
+    for seeds in ([7], [7, 1, 2], [9, 8, 7]):
+        k, tt, e = per_sample_draws(gens(seeds), (3, 2, 2), cfg)
+        i = seeds.index(7)
+        assert k[i] == keep[7] and tt[i] == t[7] and torch.equal(e[i], eps[7])
+    # The distributions training_loss draws for a batch: 10% dropped, logit-normal t, eps ~ N(0, 2^2).
+    assert 0.08 < 1 - keep.float().mean().item() < 0.12
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item() + 0.8) < 0.05 and abs(logit.std().item() - 0.8) < 0.05
+    assert abs(eps.std().item() - 2.0) < 0.05
 
 
 def _net(seed=0):
