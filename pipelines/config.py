@@ -213,14 +213,37 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def override(obj: T, values: dict[str, Any], where: str = "") -> T:
     """`obj` (a config dataclass) with `values` set on top, as a YAML section of overrides holds
-    them (`{data.batch_size: 32, optim: {lr: 1e-3}}`): each key, dotted or not, is set to its value
-    as a whole, like one `key=value` on the command line."""
+    them (`{data.batch_size: 32, optim: {lr: 1e-3}}`): a mapping under a section key merges into
+    that section key by key; any other field (a dict-typed one too, e.g. a search space) is set
+    whole, like one `key=value` on the command line."""
     import json
 
     merged = to_dict(obj)
-    for key, value in values.items():
+    for key, value in leaves(type(obj), values):
         merged = apply_overrides(merged, [f"{key}={json.dumps(value)}"])
     return from_dict(type(obj), merged, where)
+
+
+def leaves(cls: type, values: dict[str, Any], prefix: str = ""):
+    """(dotted key, value) pairs of `values`, descending into mappings only where `cls` has a section."""
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and _section_at(cls, full) is not None:
+            yield from leaves(cls, value, f"{full}.")
+        else:
+            yield full, value
+
+
+def _section_at(cls: type, dotted: str) -> type | None:
+    """The config section (dataclass) at a dotted key of `cls`, or None when it is a plain field."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp) or part not in _field_types(tp):
+            return None
+        tp = _field_types(tp)[part]
+        if _is_union(tp):
+            tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)
+    return tp if dataclasses.is_dataclass(tp) else None
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:

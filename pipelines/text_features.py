@@ -6,7 +6,7 @@
     driver --> manifest (last), with the encoder, width and prompt length the features were made with
 
 Training with `data.text_features=true` then reads the features instead of running T5 in every
-Train worker (jobs/train_data.py), which frees the encoder's GPU memory and compute. The output
+Train worker (jobs/train/data.py), which frees the encoder's GPU memory and compute. The output
 mirrors its input row for row and row group for row group, so a run's sample order is the same
 on either dataset.
 

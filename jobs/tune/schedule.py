@@ -103,7 +103,7 @@ def concurrent_trials(need: dict[str, float], cluster: dict[str, float]) -> int:
         raise ValueError(f"one trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs (driver, Train workers, their "
                          f"Ray Data actors) but the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} "
                          "GPUs: lower train.scaling.num_workers or cpus_per_worker, train.data.read_cpus/decode_cpus, "
-                         "or run.cpus_per_trial")
+                         "or run.cpus_per_trial (on an autoscaling cluster, set run.max_concurrent)")
     return n
 
 
@@ -242,7 +242,14 @@ def best_config(params: list[str], row: dict) -> dict:
 
 
 def best_header(cfg: ScheduleTuneConfig, row: dict, body: dict) -> str:
-    keys = " ".join(f"{k}={v}" for k, v in config_lib.flatten(body))
+    """The command that trains the winner: the sweep's train config and overrides, then its keys."""
+    import json
+    import shlex
+
+    from jobs.train.config import TrainConfig
+
+    pairs = list(config_lib.leaves(TrainConfig, cfg.train)) + config_lib.flatten(body)
+    keys = " ".join(shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}") for k, v in pairs)
     return (f"# minit2i train --config {cfg.train_config} {keys}\n"
             f"# trained weights of this trial: {row['_checkpoint']}\n")
 

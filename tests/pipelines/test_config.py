@@ -62,8 +62,11 @@ def test_files_and_override_sections(tmp_path):
         config_lib.load(Outer, path, ["inner.weight=x"])
     with pytest.raises(ValueError, match="config file .*none.yaml does not exist"):
         config_lib.load(Outer, tmp_path / "none.yaml")
-    # A section of overrides (as a YAML file holds them): dotted keys set one field, a mapping a whole field.
+    # A section of overrides (as a YAML file holds them): dotted keys and mappings under a section
+    # set single fields; a dict-typed field is set whole.
     cfg = config_lib.override(cfg, {"inner.weight": 7, "extra": {"b": 2}}, "demo")
     assert (cfg.inner.paths, cfg.inner.weight, cfg.extra) == (["a"], 7, {"b": 2})
+    cfg = config_lib.override(cfg, {"inner": {"paths": ["c"]}, "maybe": {"weight": 4}, "extra": {"c": 3}})
+    assert (cfg.inner.paths, cfg.inner.weight, cfg.maybe, cfg.extra) == (["c"], 7, Inner(weight=4), {"c": 3})
     with pytest.raises(ValueError, match="unknown key 'wait' in demo.inner"):
         config_lib.override(cfg, {"inner.wait": 1}, "demo")

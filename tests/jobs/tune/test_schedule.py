@@ -148,7 +148,8 @@ def test_asha_stops_the_bad_schedule_at_the_first_rung(sweep):
     best = yaml.safe_load((sweep["out"] / "best_config.yaml").read_text())
     assert best == {"denoiser": {"t_mu": GOOD}}
     text = (sweep["out"] / "best_config.yaml").read_text()
-    assert f"minit2i train --config jobs/configs/debug.yaml denoiser.t_mu={GOOD}" in text
+    command = next(line for line in text.splitlines() if line.startswith("# minit2i train --config jobs/configs/debug.yaml "))
+    assert command.endswith(f" denoiser.t_mu={GOOD}") and "optim.steps=24" in command and "'data.datasets=[" in command
     for name in ("plot.png", "best_grid.png", "worst_grid.png"):
         assert (sweep["out"] / name).stat().st_size > 0
 
