@@ -34,6 +34,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from jobs import repo_path
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -98,7 +100,6 @@ COMMANDS: dict[str, Command] = {
                               "all": Spec("jobs.bench:all_", passthrough=True)}),
 }
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.-]*=")
 
 
@@ -199,7 +200,7 @@ def build_config(spec: Spec, parsed: Parsed, where: str):
             raise UsageError("takes no settings (key=value or --config)")
         return dict(zip(spec.positionals, parsed.positionals))
     cls = _load(spec.config)
-    path = parsed.config or (os.path.join(ROOT, spec.default_config) if spec.default_config else None)
+    path = parsed.config or (repo_path(spec.default_config) if spec.default_config else None)
     if parsed.config and not os.path.isfile(parsed.config):
         raise FileNotFoundError(f"--config {parsed.config} does not exist")
     # A positional is a string as typed (a path named `2024` stays a string): JSON quotes it for YAML.

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs import repo_path
 from pipelines import config as config_lib
 
 @dataclass
@@ -138,7 +139,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         from jobs.train.config import TrainConfig
         from jobs.train.driver import main as train_main
 
-        train_cfg = config_lib.load(TrainConfig, _repo_path(cfg.train_config), [])
+        train_cfg = config_lib.load(TrainConfig, repo_path(cfg.train_config), [])
         train_cfg = config_lib.override(train_cfg, {
             "name": "demo", "storage_path": str(out / "runs"), "data.datasets": [data_dir],
             "logging.dir": str(out / "train_logs"), **cfg.train,
@@ -193,11 +194,6 @@ def weights_of(result) -> str:
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     return checkpoint.path  # a training checkpoint is also a weights folder (model.json + safetensors)
-
-
-def _repo_path(path: str) -> str:
-    p = Path(path)
-    return str(p if p.is_absolute() or p.exists() else Path(__file__).resolve().parents[1] / p)
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs import repo_path
 from jobs.tune.search import ObjectiveConfig, SweepConfig, lookup, objective_of, run_sweep, search_space, space_keys
 from pipelines import config as config_lib
 from pipelines import storage
@@ -48,6 +49,7 @@ class ScheduleTuneConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     run: SweepConfig = field(default_factory=SweepConfig)
 
+
 # The trial process of a schedule sweep only drives its Train run (Ray's guide: the driver "is not
 # doing extensive computation"); the workers and their data actors hold the real resources.
 DRIVER_CPUS = 0.25
@@ -58,8 +60,7 @@ def base_train_config(cfg: ScheduleTuneConfig):
     evaluating every `report_every` steps, checkpoints beside the sweep's reports."""
     from jobs.train.config import TrainConfig
 
-    path = cfg.train_config if os.path.isabs(cfg.train_config) or os.path.exists(cfg.train_config) else \
-        os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), cfg.train_config)
+    path = repo_path(cfg.train_config)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"train_config {cfg.train_config} does not exist")
     train = config_lib.override(config_lib.load(TrainConfig, path), cfg.train, "train")
