@@ -13,7 +13,8 @@ Scoring follows ELLA's `dpg_bench/compute_dpg_bench.py`:
   - in question order, a question with a parent already at 0 is set to 0 (parents updated
     earlier in the pass count: a chain of dependents falls with its root); a parent id that the
     item does not have makes the official script fail on that image, which it then leaves out:
-    here it is left out too and counted (`excluded_images`);
+    here it is left out too and counted (`excluded_images`; PeppaKing8/minit2i-jax's port instead
+    counts the missing parent as failed and keeps the image);
   - an image scores the mean over its questions, a prompt the mean over its images, the
     benchmark the mean over prompts;
   - category scores pool the answers before the dependency rule, by the tuple's prefix
