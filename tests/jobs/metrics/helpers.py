@@ -74,20 +74,6 @@ def build_tiny_clip(path: Path, image_size: int = 32) -> Path:
     return path
 
 
-def build_tiny_detector(path: Path, labels=("circle", "square", "triangle"), image_size: int = 32) -> Path:
-    """A random YOLOS object detector (a plain ViT; no backbone weights needed)."""
-    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
-    import torch
-
-    torch.manual_seed(0)
-    cfg = YolosConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                      image_size=[image_size, image_size], patch_size=8, num_detection_tokens=5,
-                      id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    YolosForObjectDetection(cfg).save_pretrained(path)
-    YolosImageProcessor(size={"shortest_edge": image_size, "longest_edge": image_size}).save_pretrained(path)
-    return path
-
-
 def build_tiny_vqa(path: Path, image_size: int = 32) -> Path:
     """A random ViLT VQA classifier answering yes/no, with a small WordPiece vocabulary."""
     from transformers import BertTokenizer, ViltConfig, ViltForQuestionAnswering, ViltImageProcessor
@@ -104,22 +90,6 @@ def build_tiny_vqa(path: Path, image_size: int = 32) -> Path:
                      id2label={0: "yes", 1: "no"}, label2id={"yes": 0, "no": 1})
     ViltForQuestionAnswering(cfg).save_pretrained(path)
     ViltImageProcessor(size={"shortest_edge": image_size}, size_divisor=8).save_pretrained(path)
-    return path
-
-
-DPG_HEADER = "item_id,text,keywords,proposition_id,dependency,category_broad,category_detailed,tuple,question_natural_language\n"
-
-
-def write_dpg_csv(path: Path) -> Path:
-    rows = [
-        ("p1", "a red circle to the left of a blue square", "1", "0", "entity", "is there a red circle?"),
-        ("p1", "a red circle to the left of a blue square", "2", "0", "entity", "is there a blue square?"),
-        ("p1", "a red circle to the left of a blue square", "3", "1,2", "relation", "is the red circle left of the blue square?"),
-        ("p2", "two yellow triangles", "1", "0", "entity", "is there a yellow triangle?"),
-        ("p2", "two yellow triangles", "2", "1", "count", "are there two yellow triangles?"),
-    ]
-    lines = [DPG_HEADER] + [f'{i},"{t}",k,{pid},"{dep}",{cat},{cat}/x,t,"{q}"\n' for i, t, pid, dep, cat, q in rows]
-    path.write_text("".join(lines))
     return path
 
 
