@@ -160,13 +160,14 @@ def config_from_diffusers(raw: dict, where: str) -> tuple[MMJiTConfig, str | Non
 
 def find_transformer(src: Path, model: str | None) -> Path:
     """The `transformer/` folder in a transformer folder, a model folder or a whole Hub folder."""
-    if (src / CONFIG_NAME).is_file() and (src / WEIGHTS_NAME).is_file():
-        return src
-    if (src / TRANSFORMER_DIR / CONFIG_NAME).is_file():
-        return src / TRANSFORMER_DIR
-    models = sorted(p.parent.parent.name for p in src.glob(f"*/{TRANSFORMER_DIR}/{CONFIG_NAME}"))
+    for folder, model_dir in ((src, src.parent), (src / TRANSFORMER_DIR, src)):
+        if (folder / WEIGHTS_NAME).is_file():
+            if model not in (None, model_dir.name):
+                raise ValueError(f"{src} is the one model {model_dir.name!r}; --model {model!r} does not name it")
+            return folder
+    models = sorted(p.parent.parent.name for p in src.glob(f"*/{TRANSFORMER_DIR}/{WEIGHTS_NAME}"))
     if not models:
-        raise FileNotFoundError(f"{src} holds no {TRANSFORMER_DIR}/{CONFIG_NAME} (nor */{TRANSFORMER_DIR}/{CONFIG_NAME}): "
+        raise FileNotFoundError(f"{src} holds no {WEIGHTS_NAME} (in itself, {TRANSFORMER_DIR}/ or */{TRANSFORMER_DIR}/): "
                                 "not a released MiniT2I folder")
     if model is None and len(models) == 1:
         model = models[0]
@@ -180,14 +181,13 @@ def read_transformer(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, tensors by key) of a diffusers transformer folder, one safetensors file."""
     from safetensors.torch import load_file
 
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder} has {WEIGHTS_NAME} but no {CONFIG_NAME}")
     try:
         raw = json.loads((folder / CONFIG_NAME).read_text())
     except ValueError as err:
         raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON: {err}") from None
-    path = folder / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    return raw, load_file(str(path))
+    return raw, load_file(str(folder / WEIGHTS_NAME))
 
 
 def released_to_ours(shapes: dict[str, torch.Size], raw_config: dict, where: str) -> tuple[MMJiTConfig, str | None, dict, list[str]]:

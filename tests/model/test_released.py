@@ -151,6 +151,9 @@ def test_whole_hub_folder_needs_the_model_named(tmp_path):
         released.import_weights(tmp_path / "MiniT2I", tmp_path / "w")
     with pytest.raises(ValueError, match="no 'b16' there"):
         released.import_weights(tmp_path / "MiniT2I", tmp_path / "w", model="b16")
+    with pytest.raises(ValueError, match="is the one model 'minit2i-b-16'; --model 'minit2i-l-16' does not name it"):
+        released.import_weights(tmp_path / "MiniT2I" / "minit2i-b-16", tmp_path / "w", model="minit2i-l-16")
+    released.import_weights(tmp_path / "MiniT2I" / "minit2i-b-16" / "transformer", tmp_path / "b", model="minit2i-b-16")
     released.import_weights(tmp_path / "MiniT2I", tmp_path / "w", model="minit2i-l-16")
     w = load_file(str(tmp_path / "w" / "model.safetensors"))
     assert torch.equal(w["txt_embedder.weight"], states["minit2i-l-16"][PREFIX + "txt_embedder.weight"])
