@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from model.denoiser import DenoiserConfig
-from model.mmjit import MMJiT, MMJiTConfig, RMSNorm
+from model.mmjit import MMJiT, MMJiTConfig, RMSNorm, predates_released_layout
 from model.text_encoder import TextEncoderConfig
 
 META_NAME = "model.json"
@@ -48,10 +48,6 @@ def rename(key: str, rules: list[tuple[str, str]]) -> str:
         if n:
             return new
     return key
-
-
-def is_legacy(state: dict[str, torch.Tensor]) -> bool:
-    return "final.weight" in state and "final_layer.linear.weight" not in state
 
 
 def upgrade_legacy(state: dict[str, torch.Tensor], net: MMJiT) -> dict[str, torch.Tensor]:
@@ -137,7 +133,7 @@ def load_weights(weights_dir: str | Path, name: str | None = None, device: str |
     net = MMJiT(MMJiTConfig(**meta["model"]))
     path = weights_dir / f"{name}.safetensors"
     state = load_file(str(path))
-    if is_legacy(state):
+    if predates_released_layout(state):
         warnings.warn(f"{path} predates the released parameter layout: names mapped, every norm gain set to 1 "
                       "(the network it was trained as); a training run of that age cannot be resumed, "
                       "start a new one from it with checkpoint.init_from", stacklevel=2)

@@ -245,6 +245,11 @@ class FinalLayer(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------
 
+def predates_released_layout(state: dict) -> bool:
+    """A state dict written before MM-JiT took the released names and norm gains."""
+    return "final.weight" in state and "final_layer.linear.weight" not in state
+
+
 class MMJiT(nn.Module):
     """(noisy image [B, C, H, W], text features [B, L, C_txt], text mask [B, L]) -> clean image."""
 
@@ -285,6 +290,15 @@ class MMJiT(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.zeros_(self.final_layer.linear.weight)                    # output is exactly 0 at init
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        # Weights from before the released layout would fail on names and shapes deep in torch;
+        # say what they are instead (model/checkpoint.load_weights maps them for inference).
+        if predates_released_layout(state_dict):
+            raise ValueError("these weights predate the released parameter layout (patch_embed.*, blocks.*, final.*, "
+                             "no norm gains): a training run of that age cannot be resumed; start a new run from its "
+                             "checkpoint with checkpoint.init_from, which maps the names and sets every gain to 1")
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     def _check_inputs(self, x, text, mask):
         cfg = self.config

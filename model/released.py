@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import (
-    META_NAME, available_weights, check_state, is_legacy, read_meta, rename, save_weights, upgrade_legacy,
+    META_NAME, available_weights, check_state, read_meta, rename, save_weights, upgrade_legacy,
 )
 from model.denoiser import DenoiserConfig, SamplerConfig
-from model.mmjit import PRESETS, MMJiT, MMJiTConfig, preset
+from model.mmjit import PRESETS, MMJiT, MMJiTConfig, predates_released_layout, preset
 from model.text_encoder import TextEncoderConfig
 
 PREFIX = "model.net."
@@ -347,7 +347,7 @@ def export_diffusers(weights_dir: str | Path, out: str | Path, name: str | None 
     cfg = MMJiTConfig(**meta["model"])
     path = weights_dir / f"{name}.safetensors"
     state = load_file(str(path))
-    if is_legacy(state):
+    if predates_released_layout(state):
         with torch.device("meta"):
             state = upgrade_legacy(state, MMJiT(cfg))
     check_state(state, model_shapes(cfg), f"{path} (model in {META_NAME})")

@@ -72,6 +72,9 @@ def test_weights_folders_from_before_the_released_layout_still_load(tmp_path):
     assert meta["legacy_layout"]
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, net.state_dict()[k]), k          # names mapped, gains 1 as at init
+    # Resuming a training run of that age (its raw state dict straight into the model) is refused.
+    with pytest.raises(ValueError, match="predate the released parameter layout.*cannot be resumed.*init_from"):
+        MMJiT(cfg).load_state_dict(old)
     g = torch.Generator().manual_seed(0)
     x, text = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 8, 64, generator=g)
     mask = torch.ones(2, 8, dtype=torch.bool)
