@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "the embedded default end to end: world -> fetch -> curate -> train -> sample -> eval -> tune"),
     "model-info": ("jobs.model_info", "parameter count and analytic FLOPs of a model preset"),
+    "weights": ("jobs.weights", "import MiniT2I's released weights (diffusers folder, minit2i-torch .pt) or export ours"),
     "sample": ("jobs.sample", "sample a PNG grid from a checkpoint (or a fresh debug model)"),
     "world": ("pipelines.world", "write (and serve on 127.0.0.1) a synthetic world of captioned shape scenes"),
     "fetch": ("jobs.fetch", "download a URL list (CC12M) into Parquet shards as Ray tasks, resumable"),

@@ -26,7 +26,7 @@ def _steps(compile_: bool, stage: int, queue, micro_batch: int = 0) -> None:
     torch.manual_seed(0)
     cfg = preset("debug", depth=2)
     weights = MMJiT(cfg).state_dict()
-    torch.nn.init.normal_(weights["final.weight"], std=0.02)      # a non-zero output, so every weight gets a gradient
+    torch.nn.init.normal_(weights["final_layer.linear.weight"], std=0.02)      # a non-zero output, so every weight gets a gradient
     optim = OptimConfig(lr=1e-3, warmup_steps=0, steps=3, zero_stage=stage, compile=compile_, micro_batch=micro_batch)
     engine, precision = build_engine(cfg, optim, 4, torch.device("cpu"), weights)
     step = TrainStep(engine, precision, DenoiserConfig(), optim, None, seed=0)
@@ -112,7 +112,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
     torch.manual_seed(0)
     plain = MMJiT(preset("debug"))
-    torch.nn.init.normal_(plain.final.weight, std=0.02)
+    torch.nn.init.normal_(plain.final_layer.linear.weight, std=0.02)
     ckpt = MMJiT(preset("debug"))
     ckpt.load_state_dict(plain.state_dict())
     apply_activation_checkpointing(ckpt)

@@ -106,7 +106,7 @@ def make_checkpoint(root: Path, depth: int = 1, weights=("ema_0.999", "model")) 
     cfg = preset("debug", text_dim=32, text_length=16, depth=depth, width=64, num_heads=2, head_dim=32, bottleneck=16)
     torch.manual_seed(0)
     net = MMJiT(cfg)
-    torch.nn.init.normal_(net.final.weight, std=0.05)
+    torch.nn.init.normal_(net.final_layer.linear.weight, std=0.05)
     for i, name in enumerate(weights):
         state = {k: v + 0.01 * i for k, v in net.state_dict().items()}
         save_weights(root / "ckpt", state, cfg, TextEncoderConfig(str(t5), 16), DenoiserConfig(noise_scale=1.0), name=name)
