@@ -4,7 +4,7 @@ The CaptionEmporium LLaVA-NeXT file is 3.58 GB of gzip (about 11 GB of JSON) for
 never held whole. A *pass* takes a group of shards (about `rows_per_pass` rows), reads their join
 column, streams the whole caption file once (`pipelines/sources/captions.py`, a block at a time)
 and keeps only the lines whose join value is in the group, so memory follows the group's size
-(~1 KB a row for LLaVA captions), not the file's. More passes trade time for memory.
+(~1.5 KB a row with LLaVA captions: BENCHMARKS.md), not the file's. More passes trade time for memory.
 
 Policy, the same in every pass:
 - lines whose `status` is not `keep_status` are skipped, counted (the reference keeps "success");
@@ -83,24 +83,36 @@ def resolve(uri: str, on: str, caption: str, keep_status: str, duplicates: str) 
                     caption_files.STATUS_COLUMN in names and bool(keep_status))
 
 
-def _numpy(arr) -> np.ndarray:
-    """int32 slots with nulls as -1."""
-    return pc.fill_null(arr, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+def _lookup(keys: list[pa.ChunkedArray]):
+    """One hash table over the pass's distinct join values (pandas' Index, built once; pyarrow's
+    `index_in` would rebuild its table on every call): `.get_indexer(values)` -> slot or -1."""
+    import pandas as pd  # a Ray Data dependency
+
+    values = pc.unique(pa.chunked_array(keys, type=pa.string())).drop_null()
+    return pd.Index(values.to_numpy(zero_copy_only=False), dtype=object)
+
+
+def _chunks(arrays: list) -> pa.Array:
+    return pa.concat_arrays([c for a in arrays for c in getattr(a, "chunks", [a])]) if arrays else pa.array([], pa.string())
 
 
 def join_pass(spec: JoinSpec, shards: dict[str, pa.Table]) -> tuple[dict[str, JoinedShard], FileCounts]:
     """Captions for every row of `shards` (name -> table with the join column, and `url` when
-    joining by key) from one streaming pass over the caption file."""
-    values = pc.unique(pa.chunked_array([t.column(spec.on).cast(pa.string()) for t in shards.values()],
-                                        type=pa.string())).drop_null()
-    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    joining by key) from one streaming pass over the caption file.
+
+    Memory: the lookup over the pass's join values and the first matching line's caption per value.
+    """
+    keys = {name: t.column(spec.on).cast(pa.string()) for name, t in shards.items()}
+    lookup = _lookup(list(keys.values()))
+    first_line = np.zeros(len(lookup), dtype=np.int64)   # [U] line of the caption kept for each value; 0 = none yet
+    repeats = np.zeros(len(lookup), dtype=np.int32)      # [U] kept lines naming each value
     wanted = [spec.on, spec.caption]
     if spec.on == "key" and spec.has_url:
         wanted.append("url")
     if spec.has_status:
         wanted.append(caption_files.STATUS_COLUMN)
     counts = FileCounts()
-    slots, lines, texts, urls = [], [], [], []
+    kept_slots, texts, urls = [], [], []
     for block in caption_files.iter_blocks(spec.uri, list(dict.fromkeys(wanted))):
         t = block.table
         n = t.num_rows
@@ -119,33 +131,36 @@ def join_pass(spec: JoinSpec, shards: dict[str, pa.Table]) -> tuple[dict[str, Jo
                 if len(named) < LINES_NAMED:
                     named += block.lines(np.flatnonzero(mask)[:LINES_NAMED - len(named)]).tolist()
         keep &= ~no_key & ~no_caption
-        slot = _numpy(pc.index_in(t.column(spec.on), value_set=values))
+        slot = lookup.get_indexer(t.column(spec.on).to_numpy(zero_copy_only=False))
         idx = np.flatnonzero(keep & (slot >= 0))
-        if len(idx):
-            slots.append(slot[idx])
-            lines.append(block.lines(idx))
-            texts.append(t.column(spec.caption).take(pa.array(idx)))
-            if "url" in wanted:
-                urls.append(t.column("url").take(pa.array(idx)))
-    slot = np.concatenate(slots) if slots else np.zeros(0, np.int64)
-    line = np.concatenate(lines) if lines else np.zeros(0, np.int64)
-    text = pa.concat_arrays([c for a in texts for c in a.chunks]) if texts else pa.array([], pa.string())
-    file_url = pa.concat_arrays([c for a in urls for c in a.chunks]) if urls else None
-
-    # First line wins: matches are in file order, so a slot's first index is its first line.
-    uniq, first = np.unique(slot, return_index=True)
-    repeats = np.bincount(slot, minlength=len(values)) if len(slot) else np.zeros(len(values), np.int64)
-    if spec.duplicates == "error" and len(uniq) < len(slot):
-        dup = np.setdiff1d(np.arange(len(slot)), first)[0]
-        first_line = line[first[np.searchsorted(uniq, slot[dup])]]
-        raise ValueError(f"{spec.uri}:{line[dup]}: {spec.on} {values[int(slot[dup])].as_py()!r} repeats line {first_line} "
-                         f"(duplicates=first keeps the first line and counts the repeats)")
-    row_of_slot = np.full(len(values), -1, dtype=np.int64)
-    row_of_slot[uniq] = first
+        if not len(idx):
+            continue
+        s, line = slot[idx], block.lines(idx)
+        np.add.at(repeats, s, 1)
+        new = np.zeros(len(idx), dtype=bool)
+        new[np.unique(s, return_index=True)[1]] = True   # first in this block ...
+        new &= first_line[s] == 0                         # ... and in the file: the first line wins
+        if spec.duplicates == "error" and not new.all():
+            d = int(np.flatnonzero(~new)[0])
+            earlier = first_line[s[d]] or line[np.flatnonzero(s == s[d])[0]]
+            raise ValueError(f"{spec.uri}:{line[d]}: {spec.on} {lookup[s[d]]!r} repeats line {earlier} "
+                             f"(duplicates=first keeps the first line and counts the repeats)")
+        first_line[s[new]] = line[new]
+        take = pa.array(idx[new])
+        kept_slots.append(s[new])
+        texts.append(t.column(spec.caption).take(take))
+        if "url" in wanted:
+            urls.append(t.column("url").take(take))
+    text, file_url = _chunks(texts), (_chunks(urls) if "url" in wanted else None)
+    del texts, urls  # one copy of the captions from here on
+    row_of_slot = np.full(len(lookup), -1, dtype=np.int64)
+    if kept_slots:
+        slots = np.concatenate(kept_slots)
+        row_of_slot[slots] = np.arange(len(slots))
 
     out = {}
     for name, table in shards.items():
-        s = _numpy(pc.index_in(table.column(spec.on).cast(pa.string()), value_set=values))
+        s = lookup.get_indexer(keys[name].to_numpy(zero_copy_only=False))
         r = np.where(s >= 0, row_of_slot[np.maximum(s, 0)], -1)
         take = pa.array(np.maximum(r, 0), mask=r < 0)
         captions = text.take(take) if len(text) else pa.nulls(len(r), pa.string())

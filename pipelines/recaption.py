@@ -73,7 +73,7 @@ class RecaptionConfig:
     duplicates: str = "first"           # a url/key on several lines: first (first line wins, counted) or error
     min_match_rate: float = 0.9         # join_on=key: refused when fewer rows than this match with agreeing urls
     unmatched: str = "skip"             # rows without a joined caption: skip (status failed/no_caption) or keep
-    join_rows_per_pass: int = 2_000_000 # shard rows joined per streaming pass over the file (~1 KB of memory a row)
+    join_rows_per_pass: int = 2_000_000 # shard rows joined per streaming pass over the file (~1.5 KB of memory a row)
 
 
 def _settings(config: RecaptionConfig) -> dict[str, Any]:
@@ -310,6 +310,8 @@ def _join(config: RecaptionConfig, todo: list[str], rows: dict[str, int], finger
     Ray tasks before the next pass starts, so memory holds one group's captions at most."""
     import ray
 
+    if config.unmatched not in ("skip", "keep"):
+        raise ValueError(f"unmatched must be skip or keep, got {config.unmatched!r}")
     spec = caption_join.resolve(config.from_jsonl, config.join_on, config.jsonl_caption_col, config.keep_status,
                                 config.duplicates)
     writer = ray.remote(write_shard).options(num_cpus=min(1.0, config.num_cpus), max_retries=2)
