@@ -262,7 +262,7 @@ def read_url_list(uri: str, config: FetchConfig) -> UrlList:
     skipped = {}
     if status:
         keep = pa.compute.fill_null(pa.compute.equal(table.column(status), config.keep_status), False)
-        skipped[f"status_not_{config.keep_status}"] = table.num_rows - pa.compute.sum(keep).as_py() if table.num_rows else 0
+        skipped[f"status_not_{config.keep_status}"] = table.num_rows - int(pa.compute.sum(keep).as_py() or 0)
         table = table.filter(keep)
     return UrlList(table, url_col, alt_col, caption_col, carry, skipped)
 
@@ -438,9 +438,10 @@ def _encode(table: pa.Table) -> bytes:
 
 
 def commit_shard(out: str, shard: Shard, table: pa.Table, fingerprint: str, source: dict[str, Any],
-                 downloaded: int = 0) -> dict[str, Any]:
+                 downloaded: int = 0, fetched_ok: int | None = None) -> dict[str, Any]:
     """Write the shard, then its commit marker; both atomic. `source` says what the shard was made
-    from (input rows, or a tar). Returns the marker plus this run's numbers."""
+    from (input rows, or a tar). Returns the marker plus this run's numbers (`fetched_ok`: images
+    this run added, by default every successful row)."""
     data = _encode(table)
     storage.write_bytes(storage.join(out, shard.name), data)
     marker = {
@@ -449,7 +450,8 @@ def commit_shard(out: str, shard: Shard, table: pa.Table, fingerprint: str, sour
         "stats": shard_stats(table),
     }
     storage.write_bytes(storage.join(out, shard.marker), (json.dumps(marker, indent=1, sort_keys=True) + "\n").encode())
-    fetched_ok = sum(s == "success" for s in table.column("status").to_pylist())
+    if fetched_ok is None:
+        fetched_ok = sum(s == "success" for s in table.column("status").to_pylist())
     return {**marker, "downloaded": downloaded, "fetched_ok": fetched_ok}
 
 
@@ -489,7 +491,8 @@ def retry_shard(config: FetchConfig, shard: Shard, fingerprint: str) -> dict[str
             columns[name][i] = tail[name][j]
     for f in TAIL_FIELDS:
         table = table.set_column(table.schema.get_field_index(f.name), f, pa.array(columns[f.name], f.type))
-    return commit_shard(config.out, shard, table, fingerprint, {"input_rows": [shard.start, shard.stop]}, downloaded)
+    return commit_shard(config.out, shard, table, fingerprint, {"input_rows": [shard.start, shard.stop]}, downloaded,
+                        fetched_ok=sum(s == "success" for s in tail["status"]))
 
 
 def import_tar(config: FetchConfig, shard: Shard, uri: str, fingerprint: str) -> dict[str, Any]:
