@@ -186,9 +186,9 @@ def test_mirror_joined_by_key_is_what_the_pretrain_config_reads(ray_session, mod
     assert rows["caption"].tolist() == [f"LLaVA caption of {k}" for k in usable]
 
 
-def test_s3_wds_import_and_join_through_the_cli(ray_session, models, cc12m_mirror, s3_server, tmp_path):
-    """The mirror's tars on S3 -> `minit2i fetch --wds` -> S3 -> `minit2i recaption --from-jsonl` -> S3,
-    both commands joining the test's Ray cluster (as a job on a cluster would)."""
+def test_s3_wds_import_and_join(ray_session, models, cc12m_mirror, s3_server, tmp_path):
+    """The mirror's tars on S3 -> `minit2i fetch --wds` (the command, joining the test's Ray cluster
+    as a job on a cluster would) -> S3 -> the LLaVA captions joined by key -> S3."""
     import boto3
 
     _, t5 = models
@@ -201,9 +201,9 @@ def test_s3_wds_import_and_join_through_the_cli(ray_session, models, cc12m_mirro
                    "max_in_flight=2", env=env, timeout=300)
     assert "fetch: 7/10 images" in proc.stdout and f"manifest: {data}/manifest.json" in proc.stdout
     assert [e.path for e in manifest.read(data).inputs] == [f"s3://test-bucket/cc12m-wds/cc12m-train-000{i}.tar" for i in range(3)]
-    proc = run_cli("recaption", "--data", data, "--out", out, "--from-jsonl", cc12m_mirror["captions"],
-                   "--t5-tokenizer", t5, "join_on=key", env=env, timeout=300)
-    assert "joined by key: 10/10 rows (100.00%)" in proc.stdout
+    result = recaption.run(recaption.RecaptionConfig(data=data, out=out, from_jsonl=str(cc12m_mirror["captions"]),
+                                                     join_on="key", t5_tokenizer=str(t5)))
+    assert "joined by key: 10/10 rows (100.00%)" in recaption.summary(result)
     table = _table(out)
     assert table.column("caption").to_pylist() == [f"LLaVA caption of {k}" for k in table.column("key").to_pylist()]
     assert manifest.verify(out) == [] and manifest.verify(data) == []
