@@ -195,12 +195,16 @@ def test_s3_wds_import_and_join(ray_session, models, cc12m_mirror, s3_server, tm
     s3 = boto3.client("s3", endpoint_url=s3_server)
     for tar in sorted(cc12m_mirror["root"].glob("cc12m-train-*.tar")):
         s3.upload_file(str(tar), "test-bucket", f"cc12m-wds/{tar.name}")
+    from pipelines.sources import cc12m_wds
+
+    tars = [f"s3://test-bucket/cc12m-wds/cc12m-train-000{i}.tar" for i in range(3)]
+    assert [t.uri for t in cc12m_wds.list_tars("s3://test-bucket/cc12m-wds")] == tars  # the prefix form
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     data, out = "s3://test-bucket/cc12m-mirror", "s3://test-bucket/cc12m-mirror-llava"
     proc = run_cli("fetch", "--wds", "s3://test-bucket/cc12m-wds/cc12m-train-{0000..0002}.tar", "--out", data,
                    "max_in_flight=2", env=env, timeout=300)
     assert "fetch: 7/10 images" in proc.stdout and f"manifest: {data}/manifest.json" in proc.stdout
-    assert [e.path for e in manifest.read(data).inputs] == [f"s3://test-bucket/cc12m-wds/cc12m-train-000{i}.tar" for i in range(3)]
+    assert [e.path for e in manifest.read(data).inputs] == tars
     result = recaption.run(recaption.RecaptionConfig(data=data, out=out, from_jsonl=str(cc12m_mirror["captions"]),
                                                      join_on="key", t5_tokenizer=str(t5)))
     assert "joined by key: 10/10 rows (100.00%)" in recaption.summary(result)
