@@ -1,8 +1,8 @@
 """`minit2i recaption`: caption a fetched dataset with a VLM actor pool, or join published captions.
 
     minit2i recaption --data s3://b/cc12m --out s3://b/cc12m-llava [model=... num_gpus=1 concurrency=8]
-    minit2i recaption --data s3://b/cc12m --out s3://b/cc12m-llava --from-jsonl train.jsonl.gz \\
-        join_on=url jsonl_caption_col=caption_llava
+    minit2i recaption --data s3://b/cc12m --out s3://b/cc12m-llava --from-jsonl train.jsonl.gz   # by url
+    minit2i recaption --data s3://b/cc12m-wds-import --out s3://b/cc12m-llava --from-jsonl train.jsonl.gz join_on=key
 
 Re-running the same command resumes: committed shards are skipped (see pipelines/recaption.py).
 """
@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="captioning prompt")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--t5-tokenizer", default=None, help="tokenizer for caption_t5_tokens (local dir or hub id)")
-    parser.add_argument("--from-jsonl", default=None, help="join published captions from this JSONL instead of generating")
+    parser.add_argument("--from-jsonl", default=None, help="join published captions instead of generating: "
+                                                           "CaptionEmporium's train.jsonl.gz or the reference's parquet")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="RecaptionConfig overrides, e.g. num_gpus=1")
 
 
