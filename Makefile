@@ -3,8 +3,10 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-# The CPU build of torch for laptops and CI; GPU cluster images bring their own torch.
-TORCH   ?= torch==2.13.0
+# torch and torchvision for laptops and CI, pinned together: torchvision (pytorch-fid's FID Inception,
+# the data-feedback critic's ResNet-18) only loads beside the torch it was built for. These builds
+# run on the CPU; GPU cluster images bring their own pair.
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)

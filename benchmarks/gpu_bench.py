@@ -148,7 +148,7 @@ def bench_sampling(batch: int, steps: int, sampler: str, compile_: bool) -> dict
     torch.manual_seed(0)
     cfg = preset("B/16", text_dim=1024, image_size=512)
     net = MMJiT(cfg).cuda().to(torch.bfloat16).eval()
-    torch.nn.init.normal_(net.final.weight, std=0.02)
+    torch.nn.init.normal_(net.final_layer.linear.weight, std=0.02)
     fwd = torch.compile(net) if compile_ else net
     text, mask = text_inputs(batch, 256, 1024)
     text = text.to(torch.bfloat16)

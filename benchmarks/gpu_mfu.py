@@ -141,9 +141,10 @@ def build(batch: int, fuse_w13: bool):
     cfg = b16()
     net = mmjit.MMJiT(cfg)
     if fuse_w13:
-        for m in net.modules():
-            if isinstance(m, mmjit.StreamWeights):
-                m.mlp = SwiGLU13(cfg.width, cfg.mlp_hidden)
+        for m in list(net.modules()):
+            for attr in ("mlp", "img_mlp", "txt_mlp"):
+                if isinstance(getattr(m, attr, None), mmjit.SwiGLU):
+                    setattr(m, attr, SwiGLU13(cfg.width, cfg.mlp_hidden))
     net = net.cuda()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
     x = torch.rand(batch, 3, 512, 512, device="cuda") * 2 - 1
@@ -158,7 +159,7 @@ def variant(name: str, batch: int, compile_mode: str, backend: str | None, fuse_
     if compile_mode == "model":
         fwd = torch.compile(net, dynamic=False)
     elif compile_mode == "blocks":
-        for block in [*net.text_blocks, *net.blocks]:
+        for block in [*net.txt_preamble_blocks, *net.double_blocks]:
             block.compile(dynamic=False)
         fwd = net
     else:

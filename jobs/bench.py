@@ -13,6 +13,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "fetch": ("benchmarks.bench_fetch", "our fetch vs plain img2dataset on a loopback server: images/s and ratio"),
     "train": ("benchmarks.bench_train", "Ray Train + DeepSpeed step vs plain process; Ray Data ingest vs DataLoader"),
     "index": ("benchmarks.bench_index", "the training data Index at CC12M scale: pickled size, order and plan time"),
+    "join": ("benchmarks.bench_caption_join", "the streamed LLaVA caption join: peak memory vs caption file size"),
+    "weights": ("benchmarks.bench_weights", "import, load and export of a B/16-sized released folder (random weights)"),
 }
 
 
@@ -30,6 +32,14 @@ def train(_cfg, argv: list[str]) -> int:
 
 def index(_cfg, argv: list[str]) -> int:
     return _run("index", argv)
+
+
+def join(_cfg, argv: list[str]) -> int:
+    return _run("join", argv)
+
+
+def weights(_cfg, argv: list[str]) -> int:
+    return _run("weights", argv)
 
 
 def all_(_cfg, argv: list[str]) -> int:

@@ -1,14 +1,16 @@
 """`minit2i eval`: score a checkpoint's images with the metrics in jobs/metrics, per image and overall.
 
 Images come from a finished `minit2i generate` folder (`images=...`) or are generated first from
-`generate.*` (prompt file, checkpoint, weights, sampler). Every evaluation reports the patch-boundary
-artifact ratio; the synthetic-world checks run on prompts of the world grammar; CLIP score, FID,
-GenEval and DPG-Bench run when their weights (and files) are given. Output: `records.parquet` (one
-row per image, for slicing afterwards), `summary.json`, and a printed table. `score` is the same
-code path Tune calls and the train job's periodic evaluation runs.
+`generate.*` (prompt file, checkpoint, weights, sampler); without a prompt file, a benchmark's own
+file gives the prompts (GenEval metadata, DPG-Bench, COCO captions). Every evaluation reports the
+patch-boundary artifact ratio; the synthetic-world checks run on prompts of the world grammar; CLIP
+score, FID, GenEval and DPG-Bench run when their weights (and files) are given. Output:
+`records.parquet` (one row per image, for slicing afterwards), `summary.json`, and a printed table.
+`score` is the same code path Tune calls and the train job's periodic evaluation runs.
 
     minit2i eval images=gen out=ev metrics.clip_model=/models/clip
-    minit2i eval generate.prompts=evaluation_metadata.jsonl generate.checkpoint=ckpt metrics.geneval_detector=/models/det
+    minit2i eval generate.checkpoint=ckpt metrics.geneval_metadata=evaluation_metadata.jsonl \
+        metrics.geneval_detector=/models/mask2former metrics.clip_model=/models/clip-vit-l-14
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from pipelines import config as config_lib
 from jobs.generate import GenerateConfig, decode_png, generate_images, load_generated
 from jobs.metrics import artifacts, dpg, geneval, world
+from jobs.metrics import fid as fid_lib
 from pipelines import storage
 
 
@@ -31,12 +34,15 @@ from pipelines import storage
 class MetricsConfig:
     world: bool = True                     # synthetic-world checks on prompts that parse in its grammar
     patch_size: int | None = None          # artifact-ratio grid; None = the model's patch size (else 16)
-    clip_model: str | None = None          # transformers CLIPModel folder -> CLIP score (+ GenEval colours)
-    fid_model: str | None = None           # TorchScript InceptionV3 (.pt) or transformers vision folder
-    fid_reference: str | None = None       # reference images (generate/dataset folder, PNG folder) or .npz stats
-    geneval_detector: str | None = None    # transformers object detector folder; prompts = GenEval metadata JSONL
-    dpg_csv: str | None = None             # DPG-Bench dpg_bench.csv (prompts + questions)
-    vqa_model: str | None = None           # transformers VQA folder for DPG-Bench
+    clip_model: str | None = None          # transformers CLIPModel folder -> CLIP score and GenEval colours (official: ViT-L/14)
+    fid_model: str | None = None           # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID) or a transformers folder (FD)
+    fid_reference: str | None = None       # .npz stats (mu/sigma or ref_mu/ref_sigma) or reference images (generate, Parquet, PNG folder)
+    fid_preprocess: str = "minit2i"        # "minit2i" (the reference's resize, its published stats) or "pytorch-fid"
+    coco_captions: str | None = None       # COCO FID-30K {id: caption} JSON: the prompts when eval generates
+    geneval_metadata: str | None = None    # GenEval evaluation_metadata.jsonl: the prompts when eval generates
+    geneval_detector: str | None = None    # Mask2Former COCO instance: transformers folder or mmdetection .pth
+    dpg_bench: str | None = None           # DPG-Bench: ELLA's dpg_bench.csv or the nested Parquet (prompts + questions)
+    vqa_model: str | None = None           # transformers VQA folder judging DPG-Bench
     device: str = "auto"                   # "auto" (cuda when present), "cpu", "cuda"
 
 
@@ -54,14 +60,14 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def read_reference_images(uri: str) -> np.ndarray:
-    """uint8 [N, H, W, 3] from a generate folder, a folder of Parquet shards with `image`, or PNG/JPEG files."""
+def read_reference_images(uri: str) -> list[np.ndarray]:
+    """uint8 [H, W, 3] images from a generate folder, a folder of Parquet shards with `image`, or PNG/JPEG files."""
     import pyarrow.parquet as pq
 
     from pipelines import manifest as manifest_lib
 
     if storage.exists(storage.join(uri, manifest_lib.MANIFEST_NAME)) and manifest_lib.read(uri).kind == "generate":
-        return np.stack([r["image"] for r in load_generated(uri)])
+        return [r["image"] for r in load_generated(uri)]
     shards = storage.list_files(uri, ".parquet")
     images = []
     for s in shards:
@@ -77,13 +83,7 @@ def read_reference_images(uri: str) -> np.ndarray:
                 images.append(np.asarray(Image.open(io.BytesIO(storage.read_bytes(f))).convert("RGB")))
     if not images:
         raise ValueError(f"FID reference {uri} holds no images (expected Parquet shards with `image`, or PNG/JPEG files)")
-    sizes = {im.shape for im in images}
-    if len(sizes) > 1:
-        from PIL import Image
-
-        h, w, _ = images[0].shape
-        images = [np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC)) for im in images]
-    return np.stack(images)
+    return images
 
 
 class Scorers:
@@ -93,33 +93,30 @@ class Scorers:
         self.cfg = cfg
         device = _device(cfg.device)
         from jobs.metrics.clip_score import ClipScorer
-        from jobs.metrics.fid import FeatureExtractor, feature_stats, load_stats
 
         self.clip = ClipScorer(cfg.clip_model, device) if cfg.clip_model else None
         self.fid, self.fid_ref = None, None
         if cfg.fid_model or cfg.fid_reference:
             if not (cfg.fid_model and cfg.fid_reference):
                 raise ValueError("FID needs both metrics.fid_model and metrics.fid_reference")
-            self.fid = FeatureExtractor(cfg.fid_model, device)
-            ref = cfg.fid_reference
-            self.fid_ref = load_stats(ref) if str(ref).endswith(".npz") else feature_stats(self.fid(read_reference_images(ref)))
-        self.detector = geneval.Detector(cfg.geneval_detector, device) if cfg.geneval_detector else None
-        self.dpg_questions = dpg.load_benchmark(cfg.dpg_csv)[1] if cfg.dpg_csv else None
-        if self.dpg_questions is not None and not cfg.vqa_model:
+            self.fid = fid_lib.feature_extractor(cfg.fid_model, device, cfg.fid_preprocess)
+            if str(cfg.fid_reference).endswith(".npz"):
+                self.fid_ref = fid_lib.load_stats(cfg.fid_reference)   # images: at the first score(), at their size
+        self.geneval = None
+        if cfg.geneval_detector:
+            from jobs.metrics.mask2former import Mask2FormerDetector
+
+            self.geneval = geneval.GenEvalJudge(Mask2FormerDetector(cfg.geneval_detector, device), self.clip)
+        self.dpg = dpg.load_benchmark(cfg.dpg_bench) if cfg.dpg_bench else None
+        if self.dpg is not None and not cfg.vqa_model:
             raise ValueError("DPG-Bench needs metrics.vqa_model (a transformers VQA folder)")
         self.vqa = dpg.VQA(cfg.vqa_model, device) if cfg.vqa_model else None
 
-    def _colour_fn(self, image: np.ndarray, label: str):
-        if self.clip is None:
-            return lambda d: geneval.median_colour(image, d.box)
-        names = list(geneval.COLOURS)
-
-        def colour(d):
-            x0, y0, x1, y1 = (int(round(v)) for v in d.box)
-            crop = image[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
-            return names[self.clip.classify(crop, [f"a photo of a {c} {label}" for c in names])]
-
-        return colour
+    def _fid_reference(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.fid_ref is None:
+            images = [fid_lib.reference_resize(im, size) for im in read_reference_images(self.cfg.fid_reference)]
+            self.fid_ref = fid_lib.feature_stats(self.fid(images))
+        return self.fid_ref
 
     def score(self, rows: list[dict[str, Any]], patch_size: int = 16) -> tuple[list[dict], dict[str, float]]:
         """rows with image (uint8 [H, W, 3]), prompt, metadata -> (per-image records, summary)."""
@@ -156,45 +153,59 @@ class Scorers:
             summary["clip_score"] = float(np.mean(clip))
 
         if self.fid is not None:
-            from jobs.metrics.fid import feature_stats, frechet_distance
+            ref = self._fid_reference(images.shape[1])
+            summary["fid"] = fid_lib.frechet_distance(*fid_lib.feature_stats(self.fid(images)), *ref)
 
-            summary["fid"] = frechet_distance(*feature_stats(self.fid(images)), *self.fid_ref)
-
-        if self.detector is not None:
-            tags, correct = [], []
-            for rec, image, row in zip(records, images, rows):
-                meta = row.get("metadata") or {}
-                if "tag" not in meta or "include" not in meta:
-                    continue
-                dets = self.detector(image[None])[0]
-                ok, why = geneval.judge(meta, dets, self._colour_fn(image, meta["include"][0]["class"]))
-                rec.update({"geneval_tag": meta["tag"], "geneval_correct": ok, "geneval_reason": why})
-                tags.append(meta["tag"])
-                correct.append(ok)
-            if not tags:
+        if self.geneval is not None:
+            picked = [i for i, r in enumerate(rows) if geneval.is_geneval(r.get("metadata"))]
+            if not picked:
                 raise ValueError("GenEval detector given but no image has GenEval metadata (tag, include): "
-                                 "generate from the GenEval evaluation_metadata.jsonl")
-            summary.update({f"geneval/{k}": v for k, v in geneval.summarize(tags, correct).items()})
+                                 "generate from GenEval's evaluation_metadata.jsonl")
+            # `generate` keeps a metadata line without its prompt; put it back for the rules and the summary.
+            metas = [geneval.parse_metadata({**rows[i]["metadata"], "prompt": rows[i]["prompt"]},
+                                            f"image {rows[i].get('key', i)}") for i in picked]
+            results = self.geneval(images[picked], metas)
+            for i, res in zip(picked, results):
+                records[i].update({"geneval_tag": res["tag"], "geneval_correct": res["correct"],
+                                   "geneval_reason": res["reason"], "geneval_details": res["details"]})
+            summary.update({f"geneval/{k}": v for k, v in geneval.summarize(results).items()})
 
-        if self.dpg_questions is not None:
-            per_image = []
+        if self.dpg is not None:
+            results = []
             for rec, image, row in zip(records, images, rows):
                 item = str((row.get("metadata") or {}).get("item_id", ""))
-                if item not in self.dpg_questions:
+                if item not in self.dpg:
                     continue
-                qs = self.dpg_questions[item]
-                s = dpg.score_answers(qs, self.vqa(image, [q.text for q in qs]))
-                rec["dpg_score"] = s["score"]
-                per_image.append(s)
-            summary.update({f"dpg/{k}": v for k, v in dpg.summarize(per_image).items()})
+                qs = self.dpg[item].questions
+                res = dpg.score_image(qs, self.vqa(image, [q.text for q in qs]))
+                rec["dpg_score"] = None if res is None else res["score"]
+                results.append((item, res))
+            summary.update({f"dpg/{k}": v for k, v in dpg.summarize(self.dpg, results).items()})
         return records, summary
 
 
-def write_dpg_prompts(csv_path: str, out: str) -> str:
-    """dpg_bench.csv -> a prompts JSONL (prompt + item_id) that `generate` reads."""
-    prompts, _ = dpg.load_benchmark(csv_path)
-    uri = storage.join(out, "dpg_prompts.jsonl")
-    storage.write_bytes(uri, "".join(json.dumps({"prompt": p, "item_id": i}) + "\n" for i, p in prompts.items()).encode())
+def benchmark_prompts(cfg: MetricsConfig) -> list[dict] | None:
+    """The prompts of the one benchmark file given (prompt + the metadata its scorer needs), else None."""
+    given = [k for k in ("geneval_metadata", "dpg_bench", "coco_captions") if getattr(cfg, k)]
+    if len(given) > 1:
+        raise ValueError(f"eval generates from one benchmark file at a time, got {', '.join(given)} "
+                         "(or give generate.prompts)")
+    if cfg.geneval_metadata:
+        return geneval.load_metadata(cfg.geneval_metadata)
+    if cfg.dpg_bench:
+        return [{"prompt": item.prompt, "item_id": i} for i, item in dpg.load_benchmark(cfg.dpg_bench).items()]
+    if cfg.coco_captions:
+        return [{"prompt": c, "coco_id": i} for i, c in fid_lib.load_coco_captions(cfg.coco_captions)]
+    return None
+
+
+def write_benchmark_prompts(cfg: MetricsConfig, out: str) -> str | None:
+    """The benchmark's prompts as a JSONL that `generate` reads (metadata kept per image), or None."""
+    rows = benchmark_prompts(cfg)
+    if rows is None:
+        return None
+    uri = storage.join(out, "benchmark_prompts.jsonl")
+    storage.write_bytes(uri, "".join(json.dumps(r) + "\n" for r in rows).encode())
     return uri
 
 
@@ -226,8 +237,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     images = cfg.images
     if images is None:
         gen = dataclasses.replace(cfg.generate, out=storage.join(cfg.out, "images"))
-        if cfg.metrics.dpg_csv and not gen.prompts:
-            gen.prompts = write_dpg_prompts(cfg.metrics.dpg_csv, cfg.out)
+        gen.prompts = gen.prompts or write_benchmark_prompts(cfg.metrics, cfg.out) or ""
         stats = generate_images(gen)
         print(f"eval: generated {stats['generated']} images ({stats['images_per_s']:.2f} images/s)")
         images = gen.out

@@ -2,7 +2,8 @@
 or join published captions.
 
     minit2i recaption s3://b/cc12m s3://b/cc12m-llava model=/models/llava num_gpus=1 concurrency=8
-    minit2i recaption s3://b/cc12m s3://b/cc12m-llava from_jsonl=train.jsonl.gz join_on=url jsonl_caption_col=caption_llava
+    minit2i recaption s3://b/cc12m s3://b/cc12m-llava from_jsonl=train.jsonl.gz                 # joined by url
+    minit2i recaption s3://b/cc12m-wds-import s3://b/cc12m-llava from_jsonl=train.jsonl.gz join_on=key
 
 Re-running the same command resumes: committed shards are skipped (see pipelines/recaption.py).
 """

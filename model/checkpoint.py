@@ -2,7 +2,11 @@
 
 A weights folder holds one or more safetensors files (the raw weights and one per EMA decay, e.g.
 `ema_0.9999.safetensors`) next to `model.json`, which records the MM-JiT config, the text encoder
-and the denoiser settings the weights were trained with, so sampling needs nothing else.
+and the denoiser settings the weights were trained with, so sampling needs nothing else. Imported
+weights (`model/released.py`) also record the published sampler settings under "sampling".
+
+Folders written before MM-JiT took the released parameter names and norm gains load too: their
+names are mapped and every gain is 1, which is exactly the network they were trained as.
 """
 
 from __future__ import annotations
@@ -10,15 +14,63 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from model.denoiser import DenoiserConfig
-from model.mmjit import MMJiT, MMJiTConfig
+from model.mmjit import MMJiT, MMJiTConfig, RMSNorm, predates_released_layout
 from model.text_encoder import TextEncoderConfig
 
 META_NAME = "model.json"
+
+# Parameter names before the released layout (old -> new, first match wins); those folders had no
+# norm gains and a mask token of shape [C_txt].
+LEGACY_NAMES = [
+    (r"^patch_embed\.", "img_embedder."),
+    (r"^text_embed\.", "txt_embedder."),
+    (r"^text_blocks\.(\d+)\.text\.proj\.", r"txt_preamble_blocks.\1.attn_proj."),
+    (r"^text_blocks\.(\d+)\.text\.", r"txt_preamble_blocks.\1."),
+    (r"^blocks\.(\d+)\.image\.proj\.", r"double_blocks.\1.img_attn_proj."),
+    (r"^blocks\.(\d+)\.image\.", r"double_blocks.\1.img_"),
+    (r"^blocks\.(\d+)\.text\.proj\.", r"double_blocks.\1.txt_attn_proj."),
+    (r"^blocks\.(\d+)\.text\.", r"double_blocks.\1.txt_"),
+    (r"^final\.", "final_layer.linear."),
+]
+
+
+def rename(key: str, rules: list[tuple[str, str]]) -> str:
+    """key under the first (regex, replacement) rule that matches it, else unchanged."""
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def upgrade_legacy(state: dict[str, torch.Tensor], net: MMJiT) -> dict[str, torch.Tensor]:
+    """A pre-release-layout state dict under the current names, with every norm gain 1."""
+    out = {rename(key, LEGACY_NAMES): value for key, value in state.items()}
+    if "mask_token" in out and out["mask_token"].dim() == 1:
+        out["mask_token"] = out["mask_token"].view(1, 1, -1)
+    for name, module in net.named_modules():
+        if isinstance(module, RMSNorm):
+            out.setdefault(f"{name}.weight", torch.ones_like(module.weight, device="cpu"))
+    return out
+
+
+def check_state(state: dict[str, torch.Size | torch.Tensor], expected: dict[str, torch.Size], where: str) -> None:
+    """ValueError naming each missing, unexpected or mis-shaped key (with both shapes) in one line."""
+    shape = lambda v: list(v.shape if isinstance(v, torch.Tensor) else v)  # noqa: E731
+    problems = [f"missing {k} {shape(expected[k])}" for k in expected if k not in state]
+    problems += [f"unexpected {k} {shape(state[k])}" for k in state if k not in expected]
+    problems += [f"{k} is {shape(state[k])} but the model expects {shape(expected[k])}"
+                 for k in expected if k in state and shape(state[k]) != shape(expected[k])]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"{where} does not match the model: " + "; ".join(problems[:5]) + more)
 
 
 def save_weights(
@@ -79,12 +131,15 @@ def load_weights(weights_dir: str | Path, name: str | None = None, device: str |
     if name not in names:
         raise FileNotFoundError(f"{weights_dir} has no {name}.safetensors; it has: {', '.join(names)}")
     net = MMJiT(MMJiTConfig(**meta["model"]))
-    state = load_file(str(weights_dir / f"{name}.safetensors"))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights_dir / name}.safetensors does not match the model in {META_NAME}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    path = weights_dir / f"{name}.safetensors"
+    state = load_file(str(path))
+    if predates_released_layout(state):
+        warnings.warn(f"{path} predates the released parameter layout: names mapped, every norm gain set to 1 "
+                      "(the network it was trained as); a training run of that age cannot be resumed, "
+                      "start a new one from it with checkpoint.init_from", stacklevel=2)
+        state = upgrade_legacy(state, net)
+        meta["legacy_layout"] = True
+    check_state(state, {k: v.shape for k, v in net.state_dict().items()}, f"{path} (model in {META_NAME})")
+    net.load_state_dict(state)
     meta["weights"] = name
     return net.to(device).eval(), meta

@@ -5,7 +5,8 @@ eps ~ N(0, noise_scale^2). The network predicts clean x; the loss is taken on th
 v_pred = (x_pred - z_t) / max(1 - t, a_min), v = (x - z_t) / max(1 - t, a_min), MSE averaged over
 pixels. Training draws t from a logit-normal(mu, sigma). Classifier-free guidance drops 10% of
 captions by zeroing their text mask; at sampling the unconditional branch uses an all-zero mask and
-guidance is applied to the velocity. Samplers integrate the ODE dz/dt = v from t = 0 to t = 1.
+guidance is applied to the velocity. Samplers integrate the ODE dz/dt = v from t = 0 to t = 1
+(Euler, Heun, Euler on the reference's `euler-4e-2` grid) or the reference's SDE (`sde`).
 
 The network is only ever called as `net(z_t, text, mask) -> x_pred`; nothing here reaches inside it.
 """
@@ -29,10 +30,15 @@ class DenoiserConfig:
     caption_dropout: float = 0.1   # share of captions dropped for classifier-free guidance
 
 
+# The reference's samplers (minit2i-jax `diffusion.py`): Euler and Heun on an even grid (Heun's last
+# step is Euler), Euler on a grid ending at 1 - 0.04 plus one jump to 1, and an Euler-Maruyama SDE.
+SAMPLERS = ("euler", "heun", "euler-4e-2", "sde")
+
+
 @dataclass
 class SamplerConfig:
-    sampler: str = "heun"                          # "euler" or "heun" (Heun's last step is Euler)
-    steps: int = 100                               # ODE steps from t=0 to t=1
+    sampler: str = "heun"                          # one of SAMPLERS (see `sample`)
+    steps: int = 100                               # network evaluations (x2 for Heun) from t=0 to t=1
     cfg_scale: float = 2.0                         # 1.0 = conditional only; MiniT2I: 2.0 FID, 6.0 GenEval
     cfg_interval: tuple[float, float] | None = None  # guide only for t in [lo, hi]; None = always
     time_shift: float = 1.0                        # >1 spends more steps at high noise (SD3-style shift)
@@ -40,8 +46,8 @@ class SamplerConfig:
     a_min: float = 0.05                            # floor of (1 - t) at sampling (MiniT2I eval: 0.05)
 
     def __post_init__(self):
-        if self.sampler not in ("euler", "heun"):
-            raise ValueError(f"sampler must be 'euler' or 'heun', got {self.sampler!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.time_shift <= 0:
@@ -126,10 +132,22 @@ def training_loss(
     return loss, {"t": t.detach(), "loss": per_sample.detach()}
 
 
-def timesteps(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
+# The reference's `euler-4e-2` grid stops its even steps this far before t = 1 and jumps the rest.
+FINAL_JUMP = 0.04
+
+
+def timesteps(steps: int, shift: float = 1.0, device=None, final_jump: float = 0.0) -> torch.Tensor:
     """steps + 1 times from 0 (noise) to 1 (clean). A shift s > 1 maps the noise level
-    sigma = 1 - t to s*sigma / (1 + (s-1)*sigma), putting more steps where noise is high."""
-    t = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
+    sigma = 1 - t to s*sigma / (1 + (s-1)*sigma), putting more steps where noise is high.
+
+    final_jump > 0 (the reference's `euler-4e-2` with 0.04): steps points evenly from 0 to
+    1 - final_jump, then 1, so the last step jumps the remaining final_jump at once. The shift maps
+    every point, 0 and 1 stay put."""
+    if final_jump > 0:
+        even = torch.linspace(0.0, 1.0 - final_jump, steps, device=device, dtype=torch.float64)
+        t = torch.cat([even, torch.ones(1, device=device, dtype=torch.float64)])
+    else:
+        t = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
     if shift != 1.0:
         sigma = 1 - t
         t = 1 - shift * sigma / (1 + (shift - 1) * sigma)
@@ -153,27 +171,62 @@ def guided_velocity(
     return v_uncond + cfg.cfg_scale * (v_cond - v_uncond)
 
 
+def normal_like(shape: tuple[int, ...], generator, device) -> torch.Tensor:
+    """N(0, 1) of `shape` [B, ...] from one generator, or from one generator per row (a list of B):
+    then a row's draws do not depend on which rows share its batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def sde_step(z: torch.Tensor, v: torch.Tensor, t_cur: float, t_next: float, noise: torch.Tensor | None) -> torch.Tensor:
+    """One Euler-Maruyama step of the reference's `sde` sampler (minit2i-jax `diffusion.py`).
+
+    The reference works in s = 1 - t with the velocity negated, diffusion g = 2s, and the score
+    from the velocity as for z = (1-s) x + s eps (SiT's formula): var = s^2 + t*s = s, so
+    score = (t*v - z) / s and the drift -v - (g/2)*score, over ds = -dt, becomes
+        z' = z + dt * ((1 + t) v - z) + sqrt(2 (1 - t) dt) * n,     n ~ N(0, 1),
+    no noise on the last step (noise=None). The score assumes unit-variance eps, so with
+    noise_scale 2 this is the reference's rule rather than an exact reverse SDE of the data."""
+    dt = t_next - t_cur
+    z_next = z + dt * ((1 + t_cur) * v - z)
+    if noise is not None:
+        z_next = z_next + (2 * (1 - t_cur) * dt) ** 0.5 * noise
+    return z_next
+
+
 @torch.no_grad()
 def sample(
     net: Net, text: torch.Tensor, mask: torch.Tensor, shape: tuple[int, ...], cfg: SamplerConfig,
-    generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None, noise: torch.Tensor | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Integrate the flow ODE from noise (t=0) to an image (t=1). shape = [B, C, H, W].
+    """Go from noise (t=0) to an image (t=1) with cfg.sampler. shape = [B, C, H, W].
 
-    Deterministic for a given generator (or given `noise`): no other randomness is drawn.
+    `generator` is one torch.Generator or one per image. The starting noise is `noise` if given,
+    else drawn from the generator; `sde` also draws one N(0, 1) [B, C, H, W] per step but the last
+    from it, so it needs a generator. Deterministic for given generators and noise.
     """
     device = text.device
+    if cfg.sampler == "sde" and generator is None:
+        raise ValueError("sampler 'sde' draws noise at every step: pass a generator (or one per image) to sample()")
     if noise is None:
-        noise = torch.randn(shape, generator=generator, device=device)
+        noise = normal_like(shape, generator, device)
     z = noise.float() * cfg.noise_scale
     mask = mask.bool()
-    ts = timesteps(cfg.steps, cfg.time_shift).tolist()
+    jump = FINAL_JUMP if cfg.sampler == "euler-4e-2" else 0.0
+    ts = timesteps(cfg.steps, cfg.time_shift, final_jump=jump).tolist()
     for i in range(cfg.steps):
         t_cur, t_next = ts[i], ts[i + 1]
+        last = i == cfg.steps - 1
         d_cur = guided_velocity(net, z, t_cur, text, mask, cfg)
-        z_next = z + (t_next - t_cur) * d_cur
-        if cfg.sampler == "heun" and i < cfg.steps - 1:
+        if cfg.sampler == "sde":
+            z_next = sde_step(z, d_cur, t_cur, t_next, None if last else normal_like(tuple(z.shape), generator, device))
+        else:
+            z_next = z + (t_next - t_cur) * d_cur
+        if cfg.sampler == "heun" and not last:
             d_next = guided_velocity(net, z_next, t_next, text, mask, cfg)
             z_next = z + (t_next - t_cur) * 0.5 * (d_cur + d_next)
         z = z_next

@@ -6,6 +6,10 @@ arXiv 2403.03206). The network maps a noisy image and frozen text features to a 
 (x-prediction); it has no timestep input and no AdaLN: the noisy image itself tells the noise level.
 The flow-matching objective and samplers live apart, in `model/denoiser.py`.
 
+Parameter names are those of MiniT2I's released checkpoints without their `model.net.` prefix
+(Hope7Happiness/minit2i-torch `diffusers/mmdit.py`, the module the released `transformer/` folders
+load into), so importing them is a prefix strip (`model/released.py`).
+
 Read top to bottom: config, position embeddings, embedders, blocks, the model, FLOPs, presets.
 Shape letters: B batch, C channels, N image tokens, L text tokens, S = L + N, D width,
 H heads, Dh head dim, P patch size.
@@ -108,11 +112,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm without affine parameters (every norm in MM-JiT)."""
-    return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
-
-
 # --------------------------------------------------------------------------------------------
 # Embedders
 # --------------------------------------------------------------------------------------------
@@ -134,6 +133,20 @@ class BottleneckPatchEmbed(nn.Module):
 # Blocks
 # --------------------------------------------------------------------------------------------
 
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned gain, initialised to ones. The reference declares its norms "without
+    affine" but its RMSNorm always creates this gain and trains it (minit2i-jax
+    `models/torch_models.py`, `_RMSNorm`), so every norm here has one too."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -145,24 +158,11 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class StreamWeights(nn.Module):
-    """One stream's weights in a block: qkv (with bias), out-proj (with bias), SwiGLU."""
-
-    def __init__(self, cfg: MMJiTConfig):
-        super().__init__()
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=True)
-        self.proj = nn.Linear(cfg.width, cfg.width, bias=True)
-        self.mlp = SwiGLU(cfg.width, cfg.mlp_hidden)
-
-
 def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv [B, S, 3D] -> q, k, v [B, H, S, Dh], q and k RMS-normalised per head (qk-norm).
-
-    The qk-norm has no parameters, so the text and image streams share it: their qkv outputs are
-    joined along the sequence first and normalised, rotated and attended in one pass each."""
+    """qkv [B, S, 3D] -> q, k, v [B, H, S, Dh]."""
     B, S, D3 = qkv.shape
     q, k, v = qkv.view(B, S, 3, num_heads, D3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)  # [B, H, S, Dh] each
-    return rms_norm(q), rms_norm(k), v
+    return q, k, v
 
 
 def attention(q, k, v, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -172,50 +172,83 @@ def attention(q, k, v, key_mask: torch.Tensor | None) -> torch.Tensor:
     return out.transpose(1, 2).flatten(2)                                 # [B, S, D]
 
 
-class TextAdapterBlock(nn.Module):
-    """Plain pre-norm transformer block on the text stream alone, 1D RoPE, qk-norm."""
+class TextPreambleBlock(nn.Module):
+    """Plain pre-norm transformer block on the text stream alone (the reference's "preamble" or
+    adapter block): qk-norm with gains [Dh], then 1D RoPE."""
 
     def __init__(self, cfg: MMJiTConfig):
         super().__init__()
-        self.text = StreamWeights(cfg)
+        D = cfg.width
+        self.norm1 = RMSNorm(D)
+        self.qkv = nn.Linear(D, 3 * D, bias=True)
+        self.q_norm = RMSNorm(cfg.head_dim)
+        self.k_norm = RMSNorm(cfg.head_dim)
+        self.attn_proj = nn.Linear(D, D, bias=True)
+        self.norm2 = RMSNorm(D)
+        self.mlp = SwiGLU(D, cfg.mlp_hidden)
         self.num_heads = cfg.num_heads
 
     def forward(self, txt, cos, sin, key_mask):
-        q, k, v = split_heads(self.text.qkv(rms_norm(txt)), self.num_heads)   # [B, H, L, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        txt = txt + self.text.proj(attention(q, k, v, key_mask))              # [B, L, D]
-        return txt + self.text.mlp(rms_norm(txt))
+        q, k, v = split_heads(self.qkv(self.norm1(txt)), self.num_heads)     # [B, H, L, Dh]
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        txt = txt + self.attn_proj(attention(q, k, v, key_mask))              # [B, L, D]
+        return txt + self.mlp(self.norm2(txt))
 
 
 class DoubleStreamBlock(nn.Module):
     """MM-DiT block without AdaLN: separate image and text weights, one joint attention over
-    [text; image] with 1D RoPE on text positions and 2D RoPE on image positions."""
+    [text; image] with 1D RoPE on text positions and 2D RoPE on image positions. One q-norm and
+    one k-norm per block serve both streams, as in the reference."""
 
     def __init__(self, cfg: MMJiTConfig):
         super().__init__()
-        self.image = StreamWeights(cfg)
-        self.text = StreamWeights(cfg)
+        D, Dh, F_ = cfg.width, cfg.head_dim, cfg.mlp_hidden
+        self.img_norm1, self.txt_norm1 = RMSNorm(D), RMSNorm(D)
+        self.img_qkv, self.txt_qkv = nn.Linear(D, 3 * D, bias=True), nn.Linear(D, 3 * D, bias=True)
+        self.q_norm, self.k_norm = RMSNorm(Dh), RMSNorm(Dh)
+        self.img_attn_proj, self.txt_attn_proj = nn.Linear(D, D, bias=True), nn.Linear(D, D, bias=True)
+        self.img_norm2, self.txt_norm2 = RMSNorm(D), RMSNorm(D)
+        self.img_mlp, self.txt_mlp = SwiGLU(D, F_), SwiGLU(D, F_)
         self.num_heads = cfg.num_heads
 
     def forward(self, img, txt, cos, sin, key_mask, update_text: bool = True):
-        """update_text=False in the last block: nothing reads its text output, so its text out-proj
-        and MLP are skipped (their weights stay, unused, as in MiniT2I's parameter layout)."""
+        """update_text=False in the last block: nothing reads its text output, so its text out-proj,
+        second norm and MLP are skipped (their weights stay, unused, as in MiniT2I's layout)."""
         L = txt.shape[1]
-        qkv = torch.cat([self.text.qkv(rms_norm(txt)), self.image.qkv(rms_norm(img))], dim=1)  # [B, S, 3D]
+        # The two streams' qkv are joined along the sequence first: the shared qk-norm, RoPE and
+        # attention then run once over [text; image].
+        qkv = torch.cat([self.txt_qkv(self.txt_norm1(txt)), self.img_qkv(self.img_norm1(img))], dim=1)  # [B, S, 3D]
         q, k, v = split_heads(qkv, self.num_heads)                            # [B, H, S, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         out = attention(q, k, v, key_mask)                                    # [B, S, D]
-        img = img + self.image.proj(out[:, L:])                               # [B, N, D]
-        img = img + self.image.mlp(rms_norm(img))
+        img = img + self.img_attn_proj(out[:, L:])                            # [B, N, D]
+        img = img + self.img_mlp(self.img_norm2(img))
         if update_text:
-            txt = txt + self.text.proj(out[:, :L])                            # [B, L, D]
-            txt = txt + self.text.mlp(rms_norm(txt))
+            txt = txt + self.txt_attn_proj(out[:, :L])                        # [B, L, D]
+            txt = txt + self.txt_mlp(self.txt_norm2(txt))
         return img, txt
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm, then a zero-initialised linear to pixel patches."""
+
+    def __init__(self, cfg: MMJiTConfig):
+        super().__init__()
+        self.norm_final = RMSNorm(cfg.width)
+        self.linear = nn.Linear(cfg.width, cfg.patch_size ** 2 * cfg.in_channels, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm_final(x))                            # [B, N, P*P*C]
 
 
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
+
+def predates_released_layout(state: dict) -> bool:
+    """A state dict written before MM-JiT took the released names and norm gains."""
+    return "final.weight" in state and "final_layer.linear.weight" not in state
+
 
 class MMJiT(nn.Module):
     """(noisy image [B, C, H, W], text features [B, L, C_txt], text mask [B, L]) -> clean image."""
@@ -223,14 +256,13 @@ class MMJiT(nn.Module):
     def __init__(self, cfg: MMJiTConfig):
         super().__init__()
         self.config = cfg
-        self.patch_embed = BottleneckPatchEmbed(cfg)
-        self.text_embed = nn.Linear(cfg.text_dim, cfg.width, bias=False)
+        self.img_embedder = BottleneckPatchEmbed(cfg)
+        self.txt_embedder = nn.Linear(cfg.text_dim, cfg.width, bias=False)
         # Padded text positions are replaced by this learned token before the text embedding.
-        self.mask_token = nn.Parameter(torch.zeros(cfg.text_dim))
-        self.text_blocks = nn.ModuleList(TextAdapterBlock(cfg) for _ in range(cfg.text_depth))
-        self.blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
-        P2C = cfg.patch_size ** 2 * cfg.in_channels
-        self.final = nn.Linear(cfg.width, P2C, bias=True)                 # after an RMSNorm, zero-init
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))
+        self.txt_preamble_blocks = nn.ModuleList(TextPreambleBlock(cfg) for _ in range(cfg.text_depth))
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
 
         self.register_buffer("pos_embed", sincos_2d(cfg.width, cfg.grid), persistent=False)   # [N, D]
         txt_angles = rope_angles_1d(cfg.head_dim, torch.arange(cfg.text_length), cfg.rope_theta)
@@ -245,12 +277,23 @@ class MMJiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for conv in (self.patch_embed.proj1, self.patch_embed.proj2):
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        for conv in (self.img_embedder.proj1, self.img_embedder.proj2):
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj2.bias)
+        nn.init.zeros_(self.img_embedder.proj2.bias)
         nn.init.normal_(self.mask_token, std=0.02)
-        nn.init.zeros_(self.final.weight)                                 # output is exactly 0 at init
-        nn.init.zeros_(self.final.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)                    # output is exactly 0 at init
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        # Weights from before the released layout would fail on names and shapes deep in torch;
+        # say what they are instead (model/checkpoint.load_weights maps them for inference).
+        if predates_released_layout(state_dict):
+            raise ValueError("these weights predate the released parameter layout (patch_embed.*, blocks.*, final.*, "
+                             "no norm gains): a training run of that age cannot be resumed; start a new run from its "
+                             "checkpoint with checkpoint.init_from, which maps the names and sets every gain to 1")
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     def _check_inputs(self, x, text, mask):
         cfg = self.config
@@ -281,8 +324,8 @@ class MMJiT(nn.Module):
         L = text.shape[1]
         text = torch.where(mask[..., None], text, self.mask_token.to(text.dtype))  # [B, L, C_txt]
 
-        img = self.patch_embed(x) + self.pos_embed.to(x.dtype)            # [B, N, D]
-        txt = self.text_embed(text)                                       # [B, L, D]
+        img = self.img_embedder(x) + self.pos_embed.to(x.dtype)           # [B, N, D]
+        txt = self.txt_embedder(text)                                     # [B, L, D]
 
         cos_t, sin_t = self.rope_text[:, :L]                              # [L, Dh] each
         text_keys = keys = None                                           # MiniT2I: no attention mask
@@ -291,15 +334,17 @@ class MMJiT(nn.Module):
             # mask tokens (the joint blocks still mask them all out) instead of over nothing.
             text_keys = mask | ~mask.any(dim=1, keepdim=True)             # [B, L]
             keys = torch.cat([mask, mask.new_ones(x.shape[0], img.shape[1])], dim=1)   # [B, S]
-        for block in self.text_blocks:
+        for block in self.txt_preamble_blocks:
             txt = block(txt, cos_t, sin_t, text_keys)
 
         cos = torch.cat([cos_t, self.rope_image[0]])                      # [S, Dh]
         sin = torch.cat([sin_t, self.rope_image[1]])
-        for i, block in enumerate(self.blocks):
-            img, txt = block(img, txt, cos, sin, keys, update_text=i < len(self.blocks) - 1)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = block(img, txt, cos, sin, keys, update_text=i < len(self.double_blocks) - 1)
 
-        out = self.final(rms_norm(img))                                   # [B, N, P*P*C]
+        # The reference normalises [text; image] and keeps the image rows: RMSNorm is per token,
+        # so normalising the image tokens alone is the same.
+        out = self.final_layer(img)                                       # [B, N, P*P*C]
         return self.unpatchify(out)                                       # [B, C, H, W]
 
 
@@ -307,10 +352,13 @@ class MMJiT(nn.Module):
 # Size and compute
 # --------------------------------------------------------------------------------------------
 
-def count_params(cfg: MMJiTConfig) -> int:
-    """Exact parameter count, from the module itself on the meta device (no memory used)."""
+def count_params(cfg: MMJiTConfig, norm_gains_only: bool = False) -> int:
+    """Exact parameter count (or only the RMSNorm gains'), from the module itself on the meta
+    device (no memory used)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in MMJiT(cfg).parameters())
+        net = MMJiT(cfg)
+    modules = [m for m in net.modules() if isinstance(m, RMSNorm)] if norm_gains_only else [net]
+    return sum(p.numel() for m in modules for p in m.parameters())
 
 
 def forward_flops(cfg: MMJiTConfig, text_len: int | None = None) -> dict[str, float]:

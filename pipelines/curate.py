@@ -164,6 +164,7 @@ SCAN_SCHEMA = pa.schema([
     ("phash", pa.string()),           # 64-bit perceptual hash, hex (imagehash.phash)
     ("width", pa.int32()), ("height", pa.int32()), ("aspect_bucket", pa.string()),
     ("caption", pa.string()), ("caption_t5_tokens", pa.int32()),
+    ("caption_from", pa.string()),    # the release field a fallback caption came from (DALL-E 3 synthetic_caption)
     *[(c, _LIST) for c in ATTR_COLUMNS],
     ("eval_overlap", pa.float64()),   # share of the best-matching eval prompt's n-grams in the caption
     ("eval_prompt", pa.string()),     # that prompt (null when no prompt file or no overlap)
@@ -266,10 +267,11 @@ def check_images(batch: pa.Table, filters: FilterConfig) -> pa.Table:
     out = []
     for r in batch.to_pylist():
         row = {name: None for name in SCAN_SCHEMA.names}
-        row.update(key=r["key"], source=r["source"], origin=r["origin"], pos=r["pos"], caption=r["caption"])
+        row.update(key=r["key"], source=r["source"], origin=r["origin"], pos=r["pos"], caption=r["caption"],
+                   caption_from=r["caption_from"])
         if r["image"] is None:
             row["reason"] = "image_not_fetched" if r["url"] else "image_missing"
-            row["detail"] = r["url"]
+            row["detail"] = r["url"] or r["note"]  # the URL to fetch, or the member that is missing
         else:
             row.update(inspect_image(r["image"], filters))
         out.append(row)
@@ -413,7 +415,21 @@ def contamination_report(rows: list[dict[str, Any]], cfg: CurateConfig, n_prompt
         "by_source": dict(sorted(Counter(r["source"] for r in hit).items())),
         "top": [{"prompt": p, "rows": n} for p, n in sorted(per_prompt.items(), key=lambda x: (-x[1], x[0]))[:cfg.contamination.top]],
         "dropped": bool(cfg.contamination.drop),
+        "flagged_files": flagged_files(rows),
     }
+
+
+def flagged_files(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Release files known to be built from an evaluation's prompts (BLIP3o-60K's geneval_train.tar),
+    flagged by name with the rows read and kept, whatever the n-gram check finds in them."""
+    out = []
+    for origin in sorted({r["origin"] for r in rows if r["source"] == "blip3o"}):
+        why = blip3o.FLAGGED.get(origin.rsplit("/", 1)[-1])
+        if why:
+            mine = [r for r in rows if r["source"] == "blip3o" and r["origin"] == origin]
+            out.append({"file": f"blip3o/{origin}", "rows_read": len(mine),
+                        "rows_kept": sum(r["reason"] is None for r in mine), "why": why})
+    return out
 
 
 def statistics(rows: list[dict[str, Any]], cfg: CurateConfig) -> dict[str, Any]:
@@ -435,7 +451,14 @@ def statistics(rows: list[dict[str, Any]], cfg: CurateConfig) -> dict[str, Any]:
         }
     tokens = [r["caption_t5_tokens"] for r in kept]
     token_bins = Counter(min(t // 32, 7) for t in tokens)
+    fallback: dict[str, dict[str, int]] = {}
+    for r in rows:
+        if r.get("caption_from"):
+            counts = fallback.setdefault(f"{r['source']}.{r['caption_from']}", {"read": 0, "kept": 0})
+            counts["read"] += 1
+            counts["kept"] += r["reason"] is None
     return {
+        "caption_fallback": dict(sorted(fallback.items())),
         "rows": {"read": len(rows), "kept": len(kept), "dropped": len(rows) - len(kept)},
         "sources": {
             s: {
@@ -544,7 +567,7 @@ def read_units(cfg: CurateConfig) -> list[ReadUnit]:
     units = blip3o.units(s.blip3o) + dalle3.units(s.dalle3) + sharegpt4o.units(s.sharegpt4o)
     if not units:
         raise ValueError("no sources given: set sources.blip3o.paths, sources.dalle3.paths and/or "
-                         "sources.sharegpt4o.metadata + sources.sharegpt4o.images")
+                         "sources.sharegpt4o.folder (or .metadata + .images)")
     probes = {"blip3o": blip3o.probe, "dalle3": dalle3.probe, "sharegpt4o": sharegpt4o.probe}
     for unit in units:
         probes[unit.source](unit)  # an unknown layout fails here, naming the file, before any Ray work
@@ -612,11 +635,11 @@ def curate(cfg: CurateConfig, units: list[ReadUnit] | None = None, log=print) ->
 
     # ShareGPT-4o records whose image is in none of the archives
     sg = cfg.sources.sharegpt4o
-    if sg.metadata:
+    if sharegpt4o.metadata_uri(sg):
         found = {r["key"] for r in rows if r["source"] == "sharegpt4o"}
-        for m in sharegpt4o.missing(sg.metadata, found):
+        for m in sharegpt4o.missing(sg, found):
             rows.append({**{n: None for n in SCAN_SCHEMA.names}, **{k: m[k] for k in ("key", "source", "origin", "pos", "caption")},
-                         "reason": "image_missing", "detail": "image in no archive of sources.sharegpt4o.images"})
+                         "reason": "image_missing", "detail": m["note"]})
         rows.sort(key=lambda r: (r["source"], r["origin"], r["pos"]))
     log(f"curate: scanned {len(rows)} rows")
 
@@ -624,6 +647,8 @@ def curate(cfg: CurateConfig, units: list[ReadUnit] | None = None, log=print) ->
     decide(rows, cfg)
     stats = statistics(rows, cfg)
     stats["contamination"] = contamination_report(rows, cfg, len(prompt_index.prompts))
+    if any(u.source == "blip3o" for u in units):
+        stats["releases"] = {"blip3o_tars": blip3o.release_report(units)}
 
     # write
     clear_output(cfg.output, old_output)
@@ -673,6 +698,14 @@ def format_report(stats: dict[str, Any]) -> str:
         lines.append(f"contamination: {c['rows_matched']} of {c['rows_checked']} captions contain one of "
                      f"{c['prompts']} eval prompts ({c['ngram']}-grams, min overlap {c['min_overlap']}); {action}")
         lines += [f"  {t['rows']:>6}  {t['prompt']}" for t in c["top"]]
+    for f in c.get("flagged_files", []):
+        lines.append(f"flagged: {f['file']} ({f['rows_read']} rows read, {f['rows_kept']} kept): {f['why']}")
+    for name, n in stats.get("caption_fallback", {}).items():
+        source, column = name.split(".", 1)
+        lines.append(f"caption fallback: {n['read']} {source} rows with an empty caption took {column} ({n['kept']} kept)")
+    missing = stats.get("releases", {}).get("blip3o_tars", {}).get("missing")
+    if missing:
+        lines.append(f"note: BLIP3o-60K tars not given: {', '.join(missing)}")
     if stats["dropped"].get("image_not_fetched"):
         lines.append(f"note: image_not_fetched - {REASONS['image_not_fetched']}")
     return "\n".join(lines)

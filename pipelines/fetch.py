@@ -1,12 +1,25 @@
-"""Fetch a URL list (CC12M and its published recaption metadata) into Parquet shards, as Ray tasks.
+"""Fetch a URL list (CC12M and its published recaption metadata) into Parquet shards, as Ray tasks;
+or import a WebDataset mirror of it (pixparse/cc12m-wds) into the same shards without downloading.
 
     URL list --(fixed-size input shards)--> Ray task per shard --> shard-NNNNN.parquet + commit marker
+    tar i of the mirror ------------------> Ray task per tar   --> shard-i.parquet + commit marker
                                                               ... --> manifest.json (last)
 
 Input: TSV/CSV (optionally compressed), Parquet or JSONL with a url column and caption columns. The
 published CC12M list is a headerless TSV `url<TAB>caption`; the CaptionEmporium LLaVA-NeXT metadata
-(conceptual-captions-cc12m-llavanext) is JSONL/Parquet with `caption_llava`, `caption_llava_short`
-beside the url: caption columns other than the alt text are carried into the shards verbatim.
+(conceptual-captions-cc12m-llavanext) is JSONL with `caption_llava`, `caption_llava_short`, the alt
+text `caption` and `status` beside the url, and the reference's parquet of it is `url, caption,
+caption_llava_short, key` (`pipelines/sources/captions.py`). The LLaVA caption becomes the shards'
+`caption` column, the one training reads; only "success" rows of such a list are kept; other
+caption columns are carried verbatim. JSONL lists are read a block at a time, keeping only the
+columns used.
+
+A WebDataset import (`wds=...`, `pipelines/sources/cc12m_wds.py`) makes one shard per tar, in
+order, keeping the mirror's `__key__`, the url from its `.json` and the alt text from its `.txt`.
+Its images pass the same checks as downloads (header pixel limit, img2dataset's Resizer), but an
+image already at the target size keeps its bytes (the mirror was made by img2dataset at 512).
+A sample without an image member, with an undecodable image, or cut short by a damaged tar is a
+row with status "failed" and its own status_class; a damaged tar is also named in the statistics.
 
 What comes from img2dataset 1.47 and what does not:
 - used as is: its `Resizer` (decode, resize, re-encode with OpenCV), `compute_key` (keys compatible
@@ -25,11 +38,13 @@ so a killed run re-run gives byte-identical shards and manifest to an uninterrup
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import math
 import os
+import posixpath
 import sys
 import time
 import warnings
@@ -45,12 +60,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import manifest as manifest_lib
 from pipelines import storage
+from pipelines.sources import captions as caption_files
+from pipelines.sources.captions import training_caption_column
 from pipelines.url_safety import RETRYABLE, AllowList, Response, SafetyPolicy, safe_get
 
 # Decompression bombs are refused from the header (see `_check_header`); PIL's own warning is noise.
@@ -103,12 +120,16 @@ class FetchConfig:
     num_cpus: float = 1.0                # Ray resources per shard task
     max_shard_attempts: int = 3          # a shard task that crashes is resubmitted up to this many times
     max_in_flight: int = 0               # shard tasks submitted at once; 0 = 2x the cluster's CPUs
+    wds: str = ""                        # import WebDataset tars instead of urls: brace pattern, folder or s3:// prefix
+    recaption_col: str = "auto"          # list column that becomes the training `caption`; auto = caption_llava, or
+                                         # the reference parquet's caption (sources/captions.py); "" = none
+    keep_status: str = "success"         # a list with a `status` column keeps only these rows; "" = every row
 
 
 # Fields that change what a shard holds. A folder's commit markers record their hash, so resuming
 # into a folder built from another list or with other settings is refused instead of mixing shards.
 _SHARD_FIELDS = (
-    "input_format", "url_col", "caption_col", "carry", "shard_size", "image_size", "resize_mode",
+    "input_format", "url_col", "caption_col", "recaption_col", "keep_status", "carry", "shard_size", "image_size", "resize_mode",
     "resize_only_if_bigger", "encode_format", "encode_quality", "min_image_size", "max_pixels",
     "max_bytes", "timeout", "max_redirects", "allow_hosts", "disallowed_header_directives",
 )
@@ -172,33 +193,35 @@ def _read_delimited(fs, path: str, uri: str, delimiter: str) -> pa.Table:
         )
 
 
-def read_url_list(uri: str, config: FetchConfig) -> tuple[pa.Table, str, str | None, list[str]]:
-    """(table, url column, alt-text column or None, carried columns) for a URL list."""
-    fs, path = storage.resolve(uri)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"URL list {uri} does not exist")
-    fmt = _format_of(uri, config.input_format)
-    try:
-        if fmt in ("tsv", "csv"):
-            table = _read_delimited(fs, path, uri, "\t" if fmt == "tsv" else ",")
-        elif fmt == "parquet":
-            table = pq.read_table(path, filesystem=fs)
-        elif fmt == "jsonl":
-            with fs.open_input_stream(path, compression="detect") as f:
-                table = pajson.read_json(f)
-        else:
-            raise ValueError(f"unknown input_format {fmt!r}: use tsv, csv, parquet or jsonl")
-    except pa.ArrowInvalid as err:
-        raise ValueError(f"cannot parse URL list {uri} as {fmt}: {err}") from err
-    columns = table.column_names
+@dataclass
+class UrlList:
+    """A URL list as read, with the roles of its columns."""
+
+    table: pa.Table                  # the rows kept, in file order
+    url_col: str
+    alt_col: str | None              # -> alt_text
+    caption_col: str | None          # -> caption (the training caption: a published recaption)
+    carry: list[str]                 # copied verbatim
+    skipped: dict[str, int]          # rows left out, by reason (e.g. status_not_success)
+
+
+def _roles(uri: str, columns: list[str], config: FetchConfig) -> tuple[str, str | None, str | None, list[str]]:
+    """(url, alt text, training caption, carried) columns of a list with these columns."""
     url_col = config.url_col or next((c for c in _URL_COLUMNS if c in columns), "")
     if url_col not in columns:
         raise ValueError(f"URL list {uri} has no url column (columns: {', '.join(columns)}); pass url_col=NAME")
-    alt_col = config.caption_col or next((c for c in _ALT_COLUMNS if c in columns), None)
+    if config.recaption_col == "auto":
+        caption_col = training_caption_column(columns, for_url_list=True)
+    else:
+        caption_col = config.recaption_col or None
+    if caption_col is not None and caption_col not in columns:
+        raise ValueError(f"recaption column {caption_col!r} not in URL list {uri} (columns: {', '.join(columns)})")
+    # In the reference's parquet `caption` is the LLaVA caption and there is no alt text.
+    alt_col = config.caption_col or next((c for c in _ALT_COLUMNS if c in columns and c != caption_col), None)
     if alt_col is not None and alt_col not in columns:
         raise ValueError(f"caption column {alt_col!r} not in URL list {uri} (columns: {', '.join(columns)})")
     if config.carry is None:
-        carry = [c for c in columns if "caption" in c.lower() and c not in (url_col, alt_col)]
+        carry = [c for c in columns if "caption" in c.lower() and c not in (url_col, alt_col, caption_col)]
     else:
         carry = list(config.carry)
         missing = [c for c in carry if c not in columns]
@@ -207,7 +230,41 @@ def read_url_list(uri: str, config: FetchConfig) -> tuple[pa.Table, str, str | N
     clash = sorted(set(carry) & RESERVED)
     if clash:
         raise ValueError(f"cannot carry column(s) {clash} from {uri}: the shard schema reserves those names")
-    return table, url_col, alt_col, carry
+    return url_col, alt_col, caption_col, carry
+
+
+def read_url_list(uri: str, config: FetchConfig) -> UrlList:
+    """A URL list, its column roles, and the rows a `status` column says to leave out."""
+    fs, path = storage.resolve(uri)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"URL list {uri} does not exist")
+    fmt = _format_of(uri, config.input_format)
+    if fmt not in ("tsv", "csv", "parquet", "jsonl"):
+        raise ValueError(f"unknown input_format {fmt!r}: use tsv, csv, parquet or jsonl")
+    try:
+        if fmt in ("tsv", "csv"):
+            table = _read_delimited(fs, path, uri, "\t" if fmt == "tsv" else ",")
+            columns = table.column_names
+        elif fmt == "parquet":
+            columns = pq.read_schema(path, filesystem=fs).names
+        else:
+            columns = caption_files.fields(uri)
+        url_col, alt_col, caption_col, carry = _roles(uri, columns, config)
+        status = caption_files.STATUS_COLUMN if config.keep_status and caption_files.STATUS_COLUMN in columns else None
+        wanted = list(dict.fromkeys(c for c in (url_col, alt_col, caption_col, *carry, status) if c))
+        if fmt == "parquet":
+            table = pq.read_table(path, columns=wanted, filesystem=fs)
+        elif fmt == "jsonl":  # a block at a time, only the columns used: CaptionEmporium's file is 3.58 GB gzipped
+            blocks = [b.table for b in caption_files.iter_blocks(uri, wanted)]
+            table = pa.concat_tables(blocks) if blocks else pa.schema([(c, pa.string()) for c in wanted]).empty_table()
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"cannot parse URL list {uri} as {fmt}: {err}") from err
+    skipped = {}
+    if status:
+        keep = pa.compute.fill_null(pa.compute.equal(table.column(status), config.keep_status), False)
+        skipped[f"status_not_{config.keep_status}"] = table.num_rows - int(pa.compute.sum(keep).as_py() or 0)
+        table = table.filter(keep)
+    return UrlList(table, url_col, alt_col, caption_col, carry, skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,9 +295,11 @@ def plan_shards(num_rows: int, shard_size: int) -> list[Shard]:
     return [Shard(i, i * shard_size, min(num_rows, (i + 1) * shard_size), width) for i in range(count)]
 
 
-def shard_schema(carry_fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema([pa.field("key", pa.string()), pa.field("url", pa.string()), pa.field("alt_text", pa.string()),
-                      *carry_fields, *TAIL_FIELDS])
+def shard_schema(carry_fields: list[pa.Field], caption: bool = False) -> pa.Schema:
+    head = [pa.field("key", pa.string()), pa.field("url", pa.string()), pa.field("alt_text", pa.string())]
+    if caption:  # a published recaption carried from the URL list: what training reads
+        head.append(pa.field("caption", pa.string()))
+    return pa.schema([*head, *carry_fields, *TAIL_FIELDS])
 
 
 def _check_header(body: bytes, content_type: str, max_pixels: int) -> Response | None:
@@ -266,15 +325,52 @@ _RESIZER_ERRORS = {"image too small": "image_too_small", "aspect ratio too large
                    "image area too large": "too_many_pixels"}
 
 
-class ShardFetcher:
-    """Downloads, checks and resizes a list of URLs; results come back in input order.
+def failed_row(status: str, status_class: str, error: str) -> dict[str, Any]:
+    """The TAIL_FIELDS of a row without an image."""
+    return {**{f.name: None for f in TAIL_FIELDS}, "status": status, "status_class": status_class, "error": error}
 
-    Built once per task; holds the safety policy and img2dataset's `Resizer`.
+
+class ImageCheck:
+    """One image body -> the TAIL_FIELDS of its row: the header pixel limit, then img2dataset's
+    `Resizer` (decode, resize, re-encode), then the sha256 of the bytes stored.
+
+    `reencode=False` keeps the bytes of an image the resizer leaves at its size and format
+    (img2dataset's `skip_reencode`), for images a WebDataset mirror already resized.
+    Not thread-safe: img2dataset's Resizer silences OpenCV by swapping process-wide file
+    descriptors 1 and 2, so one thread calls it.
+    """
+
+    def __init__(self, config: FetchConfig, reencode: bool = True):
+        from img2dataset.resizer import Resizer
+
+        self.max_pixels = config.max_pixels
+        self.resizer = Resizer(
+            image_size=config.image_size, resize_mode=config.resize_mode,
+            resize_only_if_bigger=config.resize_only_if_bigger, encode_format=config.encode_format,
+            encode_quality=config.encode_quality, min_image_size=config.min_image_size,
+            max_image_area=config.max_pixels, skip_reencode=not reencode,
+        )
+
+    def __call__(self, body: bytes, content_type: str = "") -> dict[str, Any]:
+        refused = _check_header(body, content_type, self.max_pixels)
+        if refused is not None:
+            return failed_row(refused.status, refused.status_class, refused.error)
+        img, width, height, orig_w, orig_h, err = self.resizer(io.BytesIO(body))
+        if err is not None:
+            cls = _RESIZER_ERRORS.get(err, "decode_error")
+            return failed_row("refused" if cls == "too_many_pixels" else "failed", cls, err)
+        return {"image": img, "width": width, "height": height, "original_width": orig_w, "original_height": orig_h,
+                "sha256": hashlib.sha256(img).hexdigest(), "status": "success", "status_class": "ok", "error": ""}
+
+
+class ShardFetcher:
+    """Downloads and checks a list of URLs; results come back in input order.
+
+    Built once per task; holds the safety policy and the image check.
     """
 
     def __init__(self, config: FetchConfig):
         import img2dataset.downloader  # noqa: F401 - the X-Robots-Tag check; imported before any deadline runs
-        from img2dataset.resizer import Resizer
 
         self.config = config
         self.policy = SafetyPolicy(
@@ -282,12 +378,7 @@ class ShardFetcher:
             max_redirects=config.max_redirects,
             disallowed_header_directives=frozenset(d.strip().lower() for d in config.disallowed_header_directives),
         )
-        self.resizer = Resizer(
-            image_size=config.image_size, resize_mode=config.resize_mode,
-            resize_only_if_bigger=config.resize_only_if_bigger, encode_format=config.encode_format,
-            encode_quality=config.encode_quality, min_image_size=config.min_image_size,
-            max_image_area=config.max_pixels,
-        )
+        self.check = ImageCheck(config)
 
     def _download(self, url: str | None, attempts: int) -> Response:
         if not url:
@@ -297,8 +388,6 @@ class ShardFetcher:
             if resp.status_class not in RETRYABLE or attempt == attempts - 1:
                 break
             time.sleep(self.config.backoff * 2**attempt)
-        if resp.body is not None:
-            resp = _check_header(resp.body, resp.content_type, self.config.max_pixels) or resp
         return resp
 
     def __call__(self, urls: list[str | None], attempts: int = 1) -> tuple[dict[str, list], int]:
@@ -306,7 +395,7 @@ class ShardFetcher:
         n = len(urls)
         out = {f.name: [None] * n for f in TAIL_FIELDS}
         downloaded = 0
-        # Bound the bodies waiting for the resizer, as img2dataset's download_shard does.
+        # Bound the bodies waiting for the image check, as img2dataset's download_shard does.
         semaphore = Semaphore(self.config.threads * 2)
 
         def jobs():
@@ -314,25 +403,17 @@ class ShardFetcher:
                 semaphore.acquire()
                 yield i, url
 
-        # The resizer runs in this thread only: img2dataset's Resizer silences OpenCV by swapping
-        # process-wide file descriptors 1 and 2, which is not safe from several threads at once.
+        # The image check runs in this thread only (see ImageCheck).
         with ThreadPool(max(1, min(self.config.threads, n))) as pool:
             for i, resp in pool.imap_unordered(lambda job: (job[0], self._download(job[1], attempts)), jobs()):
                 try:
                     downloaded += resp.bytes_read
                     if resp.body is None:
-                        out["status"][i], out["status_class"][i], out["error"][i] = resp.status, resp.status_class, resp.error
-                        continue
-                    img, width, height, orig_w, orig_h, err = self.resizer(io.BytesIO(resp.body))
-                    if err is not None:
-                        out["status"][i] = "refused" if _RESIZER_ERRORS.get(err) == "too_many_pixels" else "failed"
-                        out["status_class"][i] = _RESIZER_ERRORS.get(err, "decode_error")
-                        out["error"][i] = err
-                        continue
-                    out["image"][i], out["width"][i], out["height"][i] = img, width, height
-                    out["original_width"][i], out["original_height"][i] = orig_w, orig_h
-                    out["sha256"][i] = hashlib.sha256(img).hexdigest()
-                    out["status"][i], out["status_class"][i], out["error"][i] = "success", "ok", ""
+                        row = failed_row(resp.status, resp.status_class, resp.error)
+                    else:
+                        row = self.check(resp.body, resp.content_type)
+                    for name, value in row.items():
+                        out[name][i] = value
                 finally:
                     semaphore.release()
         return out, downloaded
@@ -356,37 +437,43 @@ def _encode(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def commit_shard(out: str, shard: Shard, table: pa.Table, fingerprint: str, tail: dict[str, list],
-                 downloaded: int) -> dict[str, Any]:
-    """Write the shard, then its commit marker; both atomic. Returns the marker plus this run's numbers."""
+def commit_shard(out: str, shard: Shard, table: pa.Table, fingerprint: str, source: dict[str, Any],
+                 downloaded: int = 0, fetched_ok: int | None = None) -> dict[str, Any]:
+    """Write the shard, then its commit marker; both atomic. `source` says what the shard was made
+    from (input rows, or a tar). Returns the marker plus this run's numbers (`fetched_ok`: images
+    this run added, by default every successful row)."""
     data = _encode(table)
     storage.write_bytes(storage.join(out, shard.name), data)
     marker = {
-        "shard": shard.name, "rows": table.num_rows, "input_rows": [shard.start, shard.stop],
+        "shard": shard.name, "rows": table.num_rows, **source,
         "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "fingerprint": fingerprint,
         "stats": shard_stats(table),
     }
     storage.write_bytes(storage.join(out, shard.marker), (json.dumps(marker, indent=1, sort_keys=True) + "\n").encode())
-    fetched_ok = sum(s == "success" for s in tail["status"])
+    if fetched_ok is None:
+        fetched_ok = sum(s == "success" for s in table.column("status").to_pylist())
     return {**marker, "downloaded": downloaded, "fetched_ok": fetched_ok}
 
 
-def fetch_shard(config: FetchConfig, shard: Shard, rows: pa.Table, url_col: str, alt_col: str | None,
-                carry: list[str], fingerprint: str) -> dict[str, Any]:
-    """Download one input shard and commit it. Runs inside a Ray task."""
+def _table(schema: pa.Schema, columns: dict[str, Any]) -> pa.Table:
+    arrays = [columns[f.name] if isinstance(columns[f.name], (pa.Array, pa.ChunkedArray)) else pa.array(columns[f.name], f.type)
+              for f in schema]
+    return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays], schema=schema)
+
+
+def fetch_shard(config: FetchConfig, shard: Shard, rows: pa.Table, roles: UrlList, fingerprint: str) -> dict[str, Any]:
+    """Download one input shard and commit it. Runs inside a Ray task (`roles.table` is empty here)."""
     from img2dataset.downloader import compute_key
 
     oom_sample = math.ceil(math.log10(config.shard_size)) if config.shard_size > 1 else 1
     keys = [compute_key(i, shard.index, oom_sample, shard.width) for i in range(rows.num_rows)]
-    urls = rows.column(url_col).to_pylist()
-    tail, downloaded = ShardFetcher(config)(urls, attempts=1 + max(0, config.retries))
-    alt = rows.column(alt_col).cast(pa.string()) if alt_col else pa.nulls(rows.num_rows, pa.string())
-    carried = [rows.column(c) for c in carry]
-    schema = shard_schema([rows.schema.field(c) for c in carry])
-    arrays = [pa.array(keys, pa.string()), rows.column(url_col).cast(pa.string()), alt, *carried]
-    arrays += [pa.array(tail[f.name], f.type) for f in TAIL_FIELDS]
-    table = pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays], schema=schema)
-    return commit_shard(config.out, shard, table, fingerprint, tail, downloaded)
+    tail, downloaded = ShardFetcher(config)(rows.column(roles.url_col).to_pylist(), attempts=1 + max(0, config.retries))
+    text = lambda col: rows.column(col).cast(pa.string()) if col else pa.nulls(rows.num_rows, pa.string())  # noqa: E731
+    schema = shard_schema([rows.schema.field(c) for c in roles.carry], caption=roles.caption_col is not None)
+    columns = {"key": keys, "url": rows.column(roles.url_col).cast(pa.string()), "alt_text": text(roles.alt_col),
+               "caption": text(roles.caption_col), **{c: rows.column(c) for c in roles.carry}, **tail}
+    return commit_shard(config.out, shard, _table(schema, columns), fingerprint,
+                        {"input_rows": [shard.start, shard.stop]}, downloaded)
 
 
 def retry_shard(config: FetchConfig, shard: Shard, fingerprint: str) -> dict[str, Any]:
@@ -404,7 +491,42 @@ def retry_shard(config: FetchConfig, shard: Shard, fingerprint: str) -> dict[str
             columns[name][i] = tail[name][j]
     for f in TAIL_FIELDS:
         table = table.set_column(table.schema.get_field_index(f.name), f, pa.array(columns[f.name], f.type))
-    return commit_shard(config.out, shard, table, fingerprint, tail, downloaded)
+    return commit_shard(config.out, shard, table, fingerprint, {"input_rows": [shard.start, shard.stop]}, downloaded,
+                        fetched_ok=sum(s == "success" for s in tail["status"]))
+
+
+def import_tar(config: FetchConfig, shard: Shard, uri: str, fingerprint: str) -> dict[str, Any]:
+    """Turn one tar of a WebDataset mirror into shard `shard` and commit it. Runs inside a Ray task."""
+    from pipelines.sources import cc12m_wds
+
+    check = ImageCheck(config, reencode=False)
+    outcome = cc12m_wds.TarRead()
+    rows = []
+    for sample in cc12m_wds.read_tar(uri, outcome):
+        meta = sample.meta or {}
+        if sample.image is None:
+            tail = failed_row("failed", "image_missing", sample.problem)
+        else:
+            tail = check(sample.image, f"image/{sample.image_member.rsplit('.', 1)[-1]}")
+            if tail["status"] == "success":
+                # The size img2dataset downloaded, from its metadata: what a URL fetch records.
+                for name in ("original_width", "original_height"):
+                    if isinstance(meta.get(name), int):
+                        tail[name] = meta[name]
+                tail["error"] = sample.problem or ""
+        alt = sample.text if sample.text is not None else meta.get("caption")
+        rows.append({"key": sample.key, "url": meta.get("url"), "alt_text": alt, **tail})
+    if outcome.error:
+        # A row for what was lost: the sample it broke inside (its row, if part of it was read),
+        # else one keyed by the tar's name (not a tar at all, or broken between members).
+        key = outcome.broken_key or posixpath.basename(uri)
+        if not rows or rows[-1]["key"] != key:
+            rows.append({"key": key, "url": None, "alt_text": None})
+        rows[-1].update(failed_row("failed", "tar_error", outcome.error))
+    schema = shard_schema([])
+    columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
+    source = {"input": {"path": uri, "sha256": outcome.sha256, "bytes": outcome.bytes}, "tar_error": outcome.error}
+    return commit_shard(config.out, shard, _table(schema, columns), fingerprint, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,26 +607,77 @@ def run_shard_tasks(config: FetchConfig, jobs: list[tuple[Shard, tuple]], fn, pr
     return done, failed
 
 
+@dataclass
+class _Plan:
+    """What a run will make and from what: the shards, the task making one, and the manifest inputs."""
+
+    shards: list[Shard]
+    fingerprint: str
+    made: str                        # how another build's shards were made, for the refusal message
+    fn: Any                          # task: (*args[shard.name]) -> marker
+    args: dict[str, tuple]
+    inputs_of: Any                   # ordered markers -> manifest input entries
+    extra_stats: dict[str, Any]
+    check: Any = None                # committed markers -> None, or raises when they no longer fit
+
+
+def _plan_urls(config: FetchConfig) -> _Plan:
+    """A URL list: fixed-size input shards, fingerprinted by the list's sha256."""
+    url_list = read_url_list(config.urls, config)
+    entry = manifest_lib.input_entry(config.urls)
+    fingerprint = fingerprint_of(config, entry.sha256)
+    shards = plan_shards(url_list.table.num_rows, config.shard_size)
+    roles = dataclasses.replace(url_list, table=url_list.table.schema.empty_table())  # tasks get their slice only
+    # Slices are zero-copy; Ray's Arrow serializer ships only the sliced rows to each task.
+    args = {s.name: (config, s, url_list.table.slice(s.start, s.stop - s.start), roles, fingerprint) for s in shards}
+    extra = {"input_skipped": url_list.skipped} if url_list.skipped else {}
+    made = "fetched from another URL list or with other settings"
+    return _Plan(shards, fingerprint, made, fetch_shard, args, lambda ordered: [entry], extra)
+
+
+def _plan_wds(config: FetchConfig) -> _Plan:
+    """WebDataset tars: shard i is tar i. Fingerprinted by the tar names (a tar that changed after
+    its shard was committed is refused by `check`); each marker records its tar's sha256."""
+    from pipelines.sources import cc12m_wds
+
+    tars = cc12m_wds.list_tars(config.wds)
+    fingerprint = fingerprint_of(config, hashlib.sha256(json.dumps([t.name for t in tars]).encode()).hexdigest())
+    shards = plan_shards(len(tars), 1)
+
+    def check(markers: dict[str, dict[str, Any]]) -> None:
+        for shard, tar in zip(shards, tars):
+            done = markers.get(shard.name)
+            if done is not None and done["input"]["bytes"] != tar.size:
+                raise ValueError(f"{tar.uri} changed since {shard.name} was imported from it ({done['input']['bytes']} "
+                                 f"bytes then, {tar.size} now); restore it, or delete {config.out} to import again")
+
+    args = {s.name: (config, s, t.uri, fingerprint) for s, t in zip(shards, tars)}
+    inputs = lambda ordered: [manifest_lib.FileEntry(**m["input"]) for m in ordered]  # noqa: E731
+    return _Plan(shards, fingerprint, "imported from other tars or with other settings", import_tar, args, inputs, {}, check)
+
+
 def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
-    """Fetch (or resume fetching) `config.urls` into `config.out`; with `retry_failed`, also re-fetch
-    the retryable failures of committed shards. Writes the manifest last. Ray must be initialised."""
+    """Fetch (or resume fetching) `config.urls`, or import `config.wds`, into `config.out`; with
+    `retry_failed`, also re-fetch the retryable failures of committed shards. Writes the manifest
+    last. Ray must be initialised."""
     from tqdm import tqdm
 
-    if not config.urls or not config.out:
-        raise ValueError("fetch needs both urls (the URL list) and out (the dataset folder)")
+    if not config.out or bool(config.urls) == bool(config.wds):
+        raise ValueError("fetch needs out (the dataset folder) and one of urls (a URL list) or wds (WebDataset tars)")
+    if config.wds and retry_failed:
+        raise ValueError("retry_failed: a WebDataset import downloads nothing, so it has nothing to retry")
     check_encoding(config)
     start_time = time.perf_counter()
-    table, url_col, alt_col, carry = read_url_list(config.urls, config)
-    input_entry = manifest_lib.input_entry(config.urls)
-    fingerprint = fingerprint_of(config, input_entry.sha256)
-    shards = plan_shards(table.num_rows, config.shard_size)
-
     manifest_uri = storage.join(config.out, manifest_lib.MANIFEST_NAME)
     if storage.exists(manifest_uri):
         kind = manifest_lib.read(config.out).kind
         if kind != "fetch":
             raise ValueError(f"{config.out} holds a {kind!r} dataset, not a fetch; choose another output folder")
-    markers = manifest_lib.committed_markers(config.out, fingerprint, "fetched from another URL list or with other settings")
+    plan = _plan_wds(config) if config.wds else _plan_urls(config)
+    shards, fingerprint = plan.shards, plan.fingerprint
+    markers = manifest_lib.committed_markers(config.out, fingerprint, plan.made)
+    if plan.check is not None:
+        plan.check(markers)
     todo = [s for s in shards if s.name not in markers]
     retry = [s for s in shards if retry_failed and s.name in markers
              and any(markers[s.name]["stats"]["status_class"].get(c) for c in RETRYABLE)]
@@ -512,21 +685,15 @@ def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
         # The folder is about to change: it must not look complete until the new manifest is written.
         storage.delete(manifest_uri)
 
-    # Slices are zero-copy; Ray's Arrow serializer ships only the sliced rows to each task.
-    jobs = [(s, (config, s, table.slice(s.start, s.stop - s.start), url_col, alt_col, carry, fingerprint)) for s in todo]
-    jobs += [(s, (config, s, fingerprint)) for s in retry]
     with tqdm(total=len(shards) + len(retry), initial=len(shards) - len(todo), desc="fetch", unit="shard",
               file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as progress:
         new, failed = [], []
-        fetch_jobs, retry_jobs = jobs[:len(todo)], jobs[len(todo):]
-        if fetch_jobs:
-            got, bad = run_shard_tasks(config, fetch_jobs, fetch_shard, progress)
-            new += got
-            failed += bad
-        if retry_jobs:
-            got, bad = run_shard_tasks(config, retry_jobs, retry_shard, progress)
-            new += got
-            failed += bad
+        for fn, jobs in ((plan.fn, [(s, plan.args[s.name]) for s in todo]),
+                         (retry_shard, [(s, (config, s, fingerprint)) for s in retry])):
+            if jobs:
+                got, bad = run_shard_tasks(config, jobs, fn, progress)
+                new += got
+                failed += bad
     for marker in new:
         markers[marker["shard"]] = marker
     if failed:
@@ -536,9 +703,12 @@ def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
         )
 
     ordered = [markers[s.name] for s in shards]
-    stats = aggregate(ordered)
+    stats = {**aggregate(ordered), **plan.extra_stats}
+    damaged = [m["tar_error"] for m in ordered if m.get("tar_error")]
+    if config.wds:
+        stats["damaged_tars"] = damaged
     manifest = manifest_lib.Manifest(
-        kind="fetch", config=manifest_config(config), inputs=[input_entry],
+        kind="fetch", config=manifest_config(config), inputs=plan.inputs_of(ordered),
         shards=[manifest_lib.FileEntry(path=m["shard"], sha256=m["sha256"], bytes=m["bytes"], rows=m["rows"]) for m in ordered],
         stats={"fetch": stats},
     )
@@ -575,4 +745,8 @@ def stats_table(result: FetchResult) -> str:
     )
     if stats["refusals"]:
         console.print("refused: " + ", ".join(f"{k} {v}" for k, v in stats["refusals"].items()))
+    for reason, n in stats.get("input_skipped", {}).items():
+        console.print(f"URL list rows left out: {n} ({reason})", soft_wrap=True)
+    for error in stats.get("damaged_tars", []):
+        console.print(f"damaged tar (rows before the damage kept): {error}", soft_wrap=True)
     return console.file.getvalue()

@@ -7,8 +7,13 @@
 
 MiniT2I pretrains on CC12M re-captioned by a VLM (PixArt-alpha: dense VLM captions raise concept
 density); the published LLaVA-NeXT captions (CaptionEmporium/conceptual-captions-cc12m-llavanext)
-came from llama3-llava-next-8b, the default here. `from_jsonl` joins such a file by key (or url)
-instead of generating.
+came from llama3-llava-next-8b, the default here. `from_jsonl` joins such a file instead of
+generating (pipelines/caption_join.py): streamed in passes, never loaded whole, by `url` by default
+(fetched shards key rows by position, the publisher by its own img2dataset run, so keys agree only
+for the cc12m-wds mirror the captions were made from: `join_on=key` says so, and is refused when
+too few rows match with agreeing urls). `caption_llava` becomes `caption`, the column training
+reads; rows the file has no caption for are marked status "failed"/"no_caption" so training skips
+them rather than learning an empty caption (`unmatched=keep` leaves them as they were).
 
 Only (key, caption) pairs flow back to the driver; image bytes stay in the object store and the
 shard-writing tasks. Ray Data runs with `preserve_order`, so when the first row of shard i+1 arrives,
@@ -29,10 +34,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import caption_join
 from pipelines import manifest as manifest_lib
 from pipelines import storage
+from pipelines.caption_join import JoinedShard
 
 COMMIT_DIR = manifest_lib.COMMIT_DIR
+# Config keys that say where or how, not what: not recorded in the manifest.
+NOT_RECORDED = ("out", "data", "join_rows_per_pass")
 CAPTION_FIELDS = (
     pa.field("caption", pa.string()),
     pa.field("captioner", pa.string()),               # model id/path, or "jsonl:<file>"
@@ -56,14 +65,21 @@ class RecaptionConfig:
     num_cpus: float = 1.0               # per actor
     t5_tokenizer: str = "google/flan-t5-large"  # for caption_t5_tokens; local dir or hub id
     prompt_length: int = 256            # T5 prompt length in training; the share of longer captions is reported
-    from_jsonl: str = ""                # published captions (JSONL, .gz ok) to join instead of generating
-    join_on: str = "key"                # column the JSONL shares with the shards: key or url
-    jsonl_caption_col: str = "caption"  # caption column in the JSONL (caption_llava for CaptionEmporium)
+    from_jsonl: str = ""                # published captions to join instead of generating: CaptionEmporium's
+                                        # train.jsonl(.gz), or the reference's metadata parquet
+    join_on: str = "url"                # url, or key when the file's keys are the shards' (the cc12m-wds mirror's)
+    jsonl_caption_col: str = "auto"     # file column that becomes `caption`; auto = caption_llava, else caption
+    keep_status: str = "success"        # with a `status` field, only these lines are joined; "" = every line
+    duplicates: str = "first"           # a url/key on several lines: first (first line wins, counted) or error
+    min_match_rate: float = 0.9         # join_on=key: refused when fewer rows than this match with agreeing urls
+    unmatched: str = "skip"             # rows without a joined caption: skip (status failed/no_caption) or keep
+    join_rows_per_pass: int = 2_000_000 # shard rows joined per streaming pass over the file (~1.5 KB of memory a row)
 
 
 def _settings(config: RecaptionConfig) -> dict[str, Any]:
     if config.from_jsonl:
-        return {"source": "jsonl", "column": config.jsonl_caption_col, "join_on": config.join_on}
+        return {"source": "jsonl", "column": config.jsonl_caption_col, "join_on": config.join_on,
+                "keep_status": config.keep_status, "duplicates": config.duplicates, "unmatched": config.unmatched}
     return {"source": "generate", "max_new_tokens": config.max_new_tokens, "do_sample": False, "num_beams": 1,
             "dtype": config.dtype}
 
@@ -169,18 +185,24 @@ def _with_captions(table: pa.Table, captions: list[str | None], tokens: list[int
 
 
 def write_shard(config: RecaptionConfig, name: str, generated: dict[str, tuple[str | None, int | None]] | None,
-                joined: pa.Table | None, fingerprint: str) -> dict[str, Any]:
+                joined: JoinedShard | None, fingerprint: str) -> dict[str, Any]:
     """Input shard + captions -> output shard, then its marker. Captions come either generated
-    (key -> (caption, T5 tokens)) or as the joined JSONL table (T5 tokens counted here)."""
+    (key -> (caption, T5 tokens)) or joined from a published file (T5 tokens counted here)."""
     fs, path = storage.resolve(storage.join(config.data, name))
     table = pq.read_table(path, filesystem=fs)
+    extra: dict[str, int] = {}
     if joined is not None:
         from model.text_encoder import count_tokens, load_tokenizer
 
-        captions = _join_captions(table, joined, config)
+        if len(joined.captions) != table.num_rows:
+            raise ValueError(f"{config.data}/{name} changed since its captions were joined; run again")
+        captions = joined.captions.to_pylist()
         texts = [c for c in captions if c is not None]
         counts = iter(count_tokens(load_tokenizer(config.t5_tokenizer), texts) if texts else ())
         tokens = [next(counts) if c is not None else None for c in captions]
+        extra = dict(joined.stats)
+        if config.unmatched == "skip" and "status" in table.column_names:
+            table, extra["unmatched_skipped"] = _skip_unmatched(table, captions, config)
     else:
         keys = table.column("key").to_pylist()
         captions = [generated.get(k, (None, None))[0] for k in keys]
@@ -195,42 +217,31 @@ def write_shard(config: RecaptionConfig, name: str, generated: dict[str, tuple[s
         "shard": name, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
         "fingerprint": fingerprint,
         "stats": {"captioned": len(tokens), "over_prompt_length": sum(t > config.prompt_length for t in tokens),
-                  "t5_tokens_sum": sum(tokens)},
+                  "t5_tokens_sum": sum(tokens), **extra},
     }
+    if joined is not None:
+        marker["caption_file"] = joined.file
     stem = name.rsplit(".", 1)[0]
     storage.write_bytes(storage.join(config.out, COMMIT_DIR, f"{stem}.json"), (json.dumps(marker, indent=1, sort_keys=True) + "\n").encode())
     return marker
 
 
-def _join_captions(table: pa.Table, joined: pa.Table, config: RecaptionConfig) -> list[str | None]:
-    on = config.join_on
-    if on not in table.column_names:
-        raise ValueError(f"join_on column {on!r} is not in the shards of {config.data}")
-    left = pa.table({on: table.column(on).cast(pa.string()), "__row": pa.array(np.arange(table.num_rows))})
-    merged = left.join(joined, keys=on, join_type="left outer").sort_by("__row")  # joins do not keep order
-    return merged.column("__caption").to_pylist()
-
-
-def read_jsonl_captions(config: RecaptionConfig) -> pa.Table:
-    """(join key, __caption) from a JSONL file, one row per key: the first occurrence wins."""
-    import pyarrow.json as pajson
-
-    fs, path = storage.resolve(config.from_jsonl)
-    if not storage.exists(config.from_jsonl):
-        raise FileNotFoundError(f"captions file {config.from_jsonl} does not exist")
-    try:
-        with fs.open_input_stream(path, compression="detect") as f:
-            table = pajson.read_json(f)
-    except pa.ArrowInvalid as err:
-        raise ValueError(f"cannot parse {config.from_jsonl} as JSONL: {err}") from err
-    for col in (config.join_on, config.jsonl_caption_col):
-        if col not in table.column_names:
-            raise ValueError(f"{config.from_jsonl} has no column {col!r} (columns: {', '.join(table.column_names)})")
-    table = pa.table({config.join_on: table.column(config.join_on).cast(pa.string()),
-                      "__caption": table.column(config.jsonl_caption_col).cast(pa.string()),
-                      "__i": pa.array(np.arange(table.num_rows))})
-    first = table.group_by(config.join_on).aggregate([("__i", "min")]).column("__i_min")
-    return table.take(first).drop_columns(["__i"])
+def _skip_unmatched(table: pa.Table, captions: list[str | None], config: RecaptionConfig) -> tuple[pa.Table, int]:
+    """Mark usable rows without a joined caption status failed / no_caption, so training skips them."""
+    status = table.column("status").to_pylist()
+    hit = [i for i, (s, c) in enumerate(zip(status, captions)) if s == "success" and c is None]
+    if not hit:
+        return table, 0
+    why = f"no caption for this {config.join_on} in {config.from_jsonl.rsplit('/', 1)[-1]}"
+    columns = {"status": "failed", "status_class": "no_caption", "error": why}
+    for name, value in columns.items():
+        if name in table.column_names:
+            values = table.column(name).to_pylist()
+            for i in hit:
+                values[i] = value
+            index = table.schema.get_field_index(name)
+            table = table.set_column(index, table.schema.field(index), pa.array(values, table.schema.field(index).type))
+    return table, len(hit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,16 +304,42 @@ def _generate(config: RecaptionConfig, todo: list[str], fingerprint: str, progre
         ctx.execution_options.preserve_order = old_order
 
 
-def _join(config: RecaptionConfig, todo: list[str], fingerprint: str, progress) -> list[dict[str, Any]]:
+def _join(config: RecaptionConfig, todo: list[str], rows: dict[str, int], fingerprint: str,
+          progress) -> list[dict[str, Any]]:
+    """Join the published file in passes over groups of shards; each pass's shards are written by
+    Ray tasks before the next pass starts, so memory holds one group's captions at most."""
     import ray
 
-    joined = ray.put(read_jsonl_captions(config))  # once in the object store, read by every task
+    if config.unmatched not in ("skip", "keep"):
+        raise ValueError(f"unmatched must be skip or keep, got {config.unmatched!r}")
+    spec = caption_join.resolve(config.from_jsonl, config.join_on, config.jsonl_caption_col, config.keep_status,
+                                config.duplicates)
     writer = ray.remote(write_shard).options(num_cpus=min(1.0, config.num_cpus), max_retries=2)
-    refs = [writer.remote(config, name, None, joined, fingerprint) for name in todo]
     markers = []
-    for ref in refs:
-        markers.append(ray.get(ref))
-        progress.update(1)
+    columns = [config.join_on] + (["url"] if config.join_on == "key" else [])
+    for group in caption_join.passes(todo, rows, config.join_rows_per_pass):
+        tables = {}
+        for name in group:
+            fs, path = storage.resolve(storage.join(config.data, name))
+            have = pq.read_schema(path, filesystem=fs).names
+            if config.join_on not in have:
+                raise ValueError(f"join_on column {config.join_on!r} is not in {config.data}/{name} (columns: {', '.join(have)})")
+            tables[name] = pq.read_table(path, columns=[c for c in columns if c in have], filesystem=fs)
+        joined, counts = caption_join.join_pass(spec, tables)
+        n = sum(j.stats["rows"] for j in joined.values())
+        hits = sum(j.stats["joined"] for j in joined.values())
+        if config.join_on == "key" and n and hits / n < config.min_match_rate:
+            conflicts = sum(j.stats["url_conflicts"] for j in joined.values())
+            raise ValueError(
+                f"join_on=key matched {hits} of {n} rows ({100 * hits / n:.1f}%, {conflicts} more matched a key whose url "
+                f"differs) below min_match_rate={config.min_match_rate}: the keys of {config.from_jsonl} and "
+                f"{config.data} are not one namespace; join by url (join_on=url)")
+        for j in joined.values():
+            j.file = {"caption_column": spec.caption, **counts.to_dict()}
+        refs = [writer.remote(config, name, None, joined[name], fingerprint) for name in group]
+        for ref in refs:
+            markers.append(ray.get(ref))
+            progress.update(1)
     return markers
 
 
@@ -331,7 +368,7 @@ def run(config: RecaptionConfig) -> manifest_lib.StageResult:
         if not todo:
             new = []
         elif config.from_jsonl:
-            new = _join(config, todo, fingerprint, progress)
+            new = _join(config, todo, {e.path: e.rows or 0 for e in source.shards}, fingerprint, progress)
         else:
             new = _generate(config, todo, fingerprint, progress)
     for m in new:
@@ -345,10 +382,12 @@ def run(config: RecaptionConfig) -> manifest_lib.StageResult:
         "mean_t5_tokens": round(sum(m["stats"]["t5_tokens_sum"] for m in ordered) / captioned, 3) if captioned else 0.0,
         "prompt_length": config.prompt_length, "captioner": _captioner_id(config),
     }
+    if config.from_jsonl:
+        stats["join"] = _join_stats(config, ordered)
     from pipelines.config import to_dict
 
     manifest = manifest_lib.Manifest(
-        kind="recaption", config={k: v for k, v in to_dict(config).items() if k not in ("out", "data")},
+        kind="recaption", config={k: v for k, v in to_dict(config).items() if k not in NOT_RECORDED},
         inputs=inputs,
         shards=[manifest_lib.FileEntry(path=m["shard"], sha256=m["sha256"], bytes=m["bytes"], rows=m["rows"]) for m in ordered],
         stats={**source.stats, "recaption": stats},
@@ -359,13 +398,40 @@ def run(config: RecaptionConfig) -> manifest_lib.StageResult:
                            seconds=time.perf_counter() - start, manifest_uri=uri)
 
 
+def _join_stats(config: RecaptionConfig, ordered: list[dict[str, Any]]) -> dict[str, Any]:
+    """The join over the whole dataset, from the shards' markers (so a resumed run records the same)."""
+    rows = sum(m["rows"] for m in ordered)
+    total = {k: sum(m["stats"].get(k, 0) for m in ordered) for k in ("joined", "url_conflicts", "duplicate_keys", "unmatched_skipped")}
+    return {"on": config.join_on, **ordered[0].get("caption_file", {}), "rows": rows, **total,
+            "match_rate": round(total["joined"] / rows, 6) if rows else 0.0}
+
+
+def _named(join: dict[str, Any], what: str) -> str:
+    """A skip count with the first lines it names: `2 (lines 4, 9)`, `7 (lines 4, 9, ...)`."""
+    n, lines = join.get(what, 0), join.get(f"{what}_lines", [])
+    if not lines:
+        return str(n)
+    more = ", ..." if n > len(lines) else ""
+    return f"{n} (line{'s' if n > 1 else ''} {', '.join(map(str, lines))}{more})"
+
+
 def summary(result: manifest_lib.StageResult) -> str:
     s = result.stats
     speed = result.rows_this_run / result.seconds if result.seconds > 0 else 0.0
-    return (
+    text = (
         f"recaption: {s['captioned']}/{s['rows']} rows captioned by {s['captioner']}\n"
         f"  T5 tokens: mean {s['mean_t5_tokens']}, over {s['prompt_length']}: {s['over_prompt_length']} "
         f"({100 * s['share_over_prompt_length']:.1f}%)\n"
         f"  shards run {result.shards_run}, skipped (committed) {result.shards_skipped}; "
         f"{result.rows_this_run} images in {result.seconds:.1f}s = {speed:.2f} images/s\n"
     )
+    j = s.get("join")
+    if j:
+        text += (
+            f"  joined by {j['on']}: {j['joined']}/{j['rows']} rows ({100 * j['match_rate']:.2f}%) took "
+            f"{j.get('caption_column')}; url conflicts {j['url_conflicts']}; rows whose {j['on']} repeats in the file "
+            f"{j['duplicate_keys']} (first line wins); marked no_caption {j['unmatched_skipped']}\n"
+            f"  caption file: {j.get('lines', 0)} lines; skipped: status not kept {j.get('status_skipped', 0)}, "
+            f"no {j['on']} {_named(j, 'no_key')}, empty caption {_named(j, 'no_caption')}\n"
+        )
+    return text

@@ -22,6 +22,8 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# albumentations (under img2dataset, which the fixtures also use to write tars) asks PyPI for updates on import.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Experiment trackers stay local: W&B offline, no usage telemetry from MLflow or anything honouring DO_NOT_TRACK.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -2,8 +2,10 @@
 
 world      exact prompt following on the synthetic world (colour, count, position, shape)
 artifacts  patch-boundary artifact ratio
-fid        Frechet distance on features of a user-provided vision backbone
+fid        FID on pytorch-fid's Inception (COCO FID-30K captions, reference statistics), or FD on a backbone
 clip_score CLIP score with a user-provided CLIP
-geneval    GenEval runner (prompt metadata + a detector from a user path)
-dpg        DPG-Bench runner (prompts + questions + a VQA model from a user path)
+geneval    GenEval's metadata and official decision rules, CLIP colour judge
+mask2former  GenEval's detector: transformers Mask2Former run with mmdetection's pre/post-processing
+mmdet_mask2former  the official mmdetection checkpoint -> transformers Mask2Former
+dpg        DPG-Bench (ELLA's CSV or the nested Parquet), the dependency rule, a VQA judge
 """

@@ -1,7 +1,9 @@
 """CLIP score (Hessel et al. 2021): 100 * max(cos(image embedding, text embedding), 0) per image.
 
 The CLIP comes from a user path (any transformers `CLIPModel` folder with its tokenizer and image
-processor, e.g. openai/clip-vit-large-patch14 saved locally); nothing is downloaded.
+processor, e.g. openai/clip-vit-large-patch14 saved locally); nothing is downloaded. Its unit
+embeddings also serve GenEval's colour classifier (geneval.ColourClassifier; the official judge
+uses OpenAI's CLIP ViT-L/14, the weights of openai/clip-vit-large-patch14).
 """
 
 from __future__ import annotations
@@ -31,28 +33,30 @@ class ClipScorer:
         self.max_length = self.model.config.text_config.max_position_embeddings
 
     @torch.no_grad()
+    def image_embeds(self, images) -> torch.Tensor:
+        """uint8 arrays [H, W, 3] or PIL images (any sizes) -> unit embeddings [N, D] (float32)."""
+        out = []
+        for s in range(0, len(images), self.batch_size):
+            pixels = self.processor(images=list(images[s:s + self.batch_size]), return_tensors="pt")["pixel_values"]
+            out.append(_embeds(self.model.get_image_features(pixel_values=pixels.to(self.device))).float())
+        emb = torch.cat(out)
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def text_embeds(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> unit embeddings [N, D] (float32)."""
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[s:s + self.batch_size]), padding=True, truncation=True,
+                                    max_length=self.max_length, return_tensors="pt").to(self.device)
+            out.append(_embeds(self.model.get_text_features(input_ids=tokens["input_ids"],
+                                                            attention_mask=tokens["attention_mask"])).float())
+        emb = torch.cat(out)
+        return emb / emb.norm(dim=-1, keepdim=True)
+
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         """uint8 images [B, H, W, 3] + B prompts -> [B] CLIP scores in [0, 100]."""
         if len(images) != len(prompts):
             raise ValueError(f"CLIP score needs one prompt per image: {len(images)} images, {len(prompts)} prompts")
-        out = []
-        for s in range(0, len(prompts), self.batch_size):
-            pixels = self.processor(images=list(images[s:s + self.batch_size]), return_tensors="pt")["pixel_values"]
-            tokens = self.tokenizer(list(prompts[s:s + self.batch_size]), padding=True, truncation=True,
-                                    max_length=self.max_length, return_tensors="pt")
-            img = _embeds(self.model.get_image_features(pixel_values=pixels.to(self.device)))
-            txt = _embeds(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                                       attention_mask=tokens["attention_mask"].to(self.device)))
-            cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-            out.append((100 * cos.clamp(min=0)).cpu().numpy())
-        return np.concatenate(out)
-
-    @torch.no_grad()
-    def classify(self, image: np.ndarray, texts: list[str]) -> int:
-        """Zero-shot: index of the text closest to one uint8 image [H, W, 3] (GenEval's colour judge)."""
-        pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"].to(self.device)
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        img = _embeds(self.model.get_image_features(pixel_values=pixels))
-        txt = _embeds(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                                   attention_mask=tokens["attention_mask"].to(self.device)))
-        return int(torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1).argmax())
+        cos = (self.image_embeds(list(images)) * self.text_embeds(list(prompts))).sum(-1)
+        return (100 * cos.clamp(min=0)).cpu().numpy()

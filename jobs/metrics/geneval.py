@@ -1,152 +1,336 @@
-"""GenEval runner: the public prompt metadata + a detector from a user path -> per-tag scores.
+"""GenEval (Ghosh et al. 2023) by the official rules: prompt metadata, detections -> per-image verdicts.
 
-GenEval (Ghosh et al. 2023) ships `evaluation_metadata.jsonl`, one prompt per line with a `tag`
-(single_object, two_object, counting, colors, position, color_attr) and the objects the image must
-`include` (class, count, optional color, optional position [relation, index of the reference
-object]) and may list objects to `exclude` (class with a count the image must stay below). The
-official judge is a Mask2Former detector (mmdetection) plus CLIP for colours; here the detector is
-any transformers object-detection model (`AutoModelForObjectDetection`, e.g. a DETR or OWL-style
-COCO detector saved locally) and colours come from a CLIP when one is given, else from the median
-pixel of the box. Scores are therefore GenEval-style, not the leaderboard numbers, unless the
-official detector is plugged in. Thresholds follow the paper's release: 0.3 to keep a detection,
-0.9 for counting prompts, 0.1 x object size as the position margin.
+The benchmark ships `prompts/evaluation_metadata.jsonl`: 553 lines, one JSON object each,
+  {"tag": ..., "include": [{"class", "count", "color"?, "position"?: [relation, index]}],
+   "exclude"?: [{"class", "count"}], "prompt": ...}
+with tags single_object, two_object, counting, colors, position and color_attr. The judge is
+mmdetection's Mask2Former Swin-S (COCO instance segmentation; `mask2former.py` runs it through
+transformers) plus CLIP ViT-L/14 for colours. The rules below follow djghosh13/geneval
+`evaluation/evaluate_images.py` (its defaults: threshold 0.3, counting_threshold 0.9,
+max_objects 16, max_overlap 1.0 = no suppression, position_threshold 0.1, grey "#999" behind the
+masked colour crops) and `evaluation/summary_scores.py` (overall = mean over tags of the share of
+correct images); PeppaKing8/minit2i-jax `external/jax_geneval/evaluation.py` applies the same.
+
+Per image:
+  1. detections of each class are sorted by score, kept when score > threshold (counting prompts:
+     > counting_threshold), the first max_objects kept, then greedy IoU suppression when
+     max_overlap < 1;
+  2. every `include` clause takes the `count` most confident detections of its class: too few
+     fails; a `color` clause classifies those crops with CLIP and needs `count` of that colour; a
+     `position` clause needs every one of them in `relation` to every object the referenced clause
+     matched (a failed referenced clause fails this one too);
+  3. every `exclude` clause fails when `count` or more of its class were kept.
+The image is correct when no clause fails.
 """
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from pipelines import storage
+
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-THRESHOLD, COUNTING_THRESHOLD, POSITION_MARGIN = 0.3, 0.9, 0.1
-# Reference RGB of GenEval's colour names, used only without a CLIP (median-pixel nearest colour).
-COLOURS = {
-    "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (235, 210, 40), "green": (40, 180, 60),
-    "blue": (40, 80, 220), "purple": (150, 60, 190), "pink": (240, 150, 190), "brown": (120, 75, 40),
-    "black": (20, 20, 20), "white": (245, 245, 245),
-}
+RELATIONS = ("left of", "right of", "above", "below")
+# evaluate_images.py COLORS, in its order (the colour classifier's class order).
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+# evaluation/object_names.txt: COCO's 80 instance classes in the detector's label order, spelled as
+# GenEval spells them (COCO's "mouse", "remote", "keyboard" become the three longer names).
+CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+# The colour classifier's prompts (evaluate_images.py color_classification), {c} = a colour.
+COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
+MASK_BACKGROUND = (153, 153, 153)   # "#999": what replaces the pixels outside an object's mask
+
+
+@dataclass
+class GenEvalRules:
+    """The official options of evaluate_images.py (`--options key=value`), at their defaults."""
+    threshold: float = 0.3             # keep a detection when its score is above this
+    counting_threshold: float = 0.9    # ... above this on "counting" prompts
+    max_objects: int = 16              # most detections kept per class
+    max_overlap: float = 1.0           # IoU suppression among a class's detections; 1.0 = off
+    position_threshold: float = 0.1    # relative_position margin, in units of the two box sizes
 
 
 @dataclass
 class Detection:
-    label: str
+    box: np.ndarray                    # [4] x0, y0, x1, y1 in pixels (mmdet mask2bbox: x1, y1 exclusive)
     score: float
-    box: tuple[float, float, float, float]    # x0, y0, x1, y1 in pixels
+    mask: np.ndarray | None = None     # [H, W] bool, the instance mask
 
 
-def load_metadata(path: str | Path) -> list[dict]:
-    """GenEval prompt metadata (JSONL): each line needs prompt, tag and include."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GenEval metadata {path} does not exist")
+# ---------------------------------------------------------------------------------------------
+# The metadata file
+
+
+def _fail(where: str, what: str):
+    raise ValueError(f"{where}: {what}")
+
+
+def parse_metadata(obj, where: str) -> dict:
+    """Check one metadata object against the published format; returns it unchanged."""
+    if not isinstance(obj, dict):
+        _fail(where, f"GenEval metadata must be a JSON object, got {type(obj).__name__}")
+    missing = [k for k in ("tag", "include", "prompt") if k not in obj]
+    if missing:
+        _fail(where, f"GenEval metadata lacks {', '.join(missing)}")
+    if not isinstance(obj["tag"], str) or not isinstance(obj["prompt"], str):
+        _fail(where, "GenEval tag and prompt must be strings")
+    include = obj["include"]
+    if not isinstance(include, list) or not include:
+        _fail(where, "GenEval include must be a non-empty list")
+    for i, req in enumerate(include):
+        _check_clause(req, f"{where}: include[{i}]")
+        if "color" in req and req["color"] not in COLORS:
+            _fail(where, f"include[{i}] color {req['color']!r} is not one of {', '.join(COLORS)}")
+        if "position" in req:
+            pos = req["position"]
+            if (not isinstance(pos, list) or len(pos) != 2 or pos[0] not in RELATIONS
+                    or not isinstance(pos[1], int) or not 0 <= pos[1] < i):
+                _fail(where, f"include[{i}] position must be [relation, index of an earlier clause] with relation in "
+                             f"{', '.join(RELATIONS)}, got {pos!r}")
+    exclude = obj.get("exclude", [])
+    if not isinstance(exclude, list):
+        _fail(where, "GenEval exclude must be a list")
+    for i, req in enumerate(exclude):
+        _check_clause(req, f"{where}: exclude[{i}]")
+    return obj
+
+
+def _check_clause(req, where: str) -> None:
+    if not isinstance(req, dict) or "class" not in req or "count" not in req:
+        _fail(where, f"a clause needs class and count, got {req!r}")
+    if req["class"] not in CLASSES:
+        _fail(where, f"class {req['class']!r} is not one of GenEval's 80 COCO names (object_names.txt)")
+    if not isinstance(req["count"], int) or isinstance(req["count"], bool) or req["count"] < 1:
+        _fail(where, f"count must be a positive integer, got {req['count']!r}")
+
+
+def load_metadata(uri: str | Path) -> list[dict]:
+    """evaluation_metadata.jsonl (local or s3://) -> checked metadata objects in file order."""
+    uri = str(uri)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"GenEval metadata {uri} does not exist")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(storage.read_bytes(uri).decode().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            obj = json.loads(line)
         except ValueError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON: {err}") from err
-        missing = [k for k in ("prompt", "tag", "include") if k not in row]
-        if missing:
-            raise ValueError(f"{path}:{n}: GenEval metadata lacks {', '.join(missing)}")
-        rows.append(row)
+            raise ValueError(f"{uri}:{n}: not valid JSON: {err}") from err
+        rows.append(parse_metadata(obj, f"{uri}:{n}"))
+    if not rows:
+        raise ValueError(f"GenEval metadata {uri} holds no prompts")
     return rows
 
 
-class Detector:
-    """uint8 images [B, H, W, 3] -> detections per image, from a transformers detector folder."""
-
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", threshold: float = THRESHOLD):
-        from transformers import AutoImageProcessor, AutoModelForObjectDetection
-
-        path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"detector folder {path} does not exist or has no config.json")
-        self.device, self.threshold = torch.device(device), threshold
-        self.processor = AutoImageProcessor.from_pretrained(str(path))
-        self.model = AutoModelForObjectDetection.from_pretrained(str(path)).to(self.device).eval()
-        self.id2label = self.model.config.id2label
-
-    @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> list[list[Detection]]:
-        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
-        outputs = self.model(**inputs)
-        sizes = [tuple(im.shape[:2]) for im in images]
-        results = self.processor.post_process_object_detection(outputs, threshold=self.threshold, target_sizes=sizes)
-        return [
-            [Detection(self.id2label[int(l)], float(s), tuple(float(v) for v in b))
-             for s, l, b in zip(r["scores"], r["labels"], r["boxes"])]
-            for r in results
-        ]
+def is_geneval(meta: dict | None) -> bool:
+    """Does an image's metadata come from a GenEval metadata line?"""
+    return bool(meta) and "tag" in meta and "include" in meta
 
 
-def median_colour(image: np.ndarray, box: tuple[float, float, float, float]) -> str:
-    """Nearest GenEval colour name to the median pixel of the box's central half (the fallback
-    without a CLIP; the centre keeps background corners of round or thin objects out)."""
-    bx0, by0, bx1, by1 = box
-    qw, qh = (bx1 - bx0) / 4, (by1 - by0) / 4
-    x0, y0, x1, y1 = (int(round(v)) for v in (bx0 + qw, by0 + qh, bx1 - qw, by1 - qh))
-    crop = image[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)].reshape(-1, 3)
-    med = np.median(crop, 0) if len(crop) else np.zeros(3)
-    names = list(COLOURS)
-    return names[int(np.argmin([((med - np.array(COLOURS[n])) ** 2).sum() for n in names]))]
+# ---------------------------------------------------------------------------------------------
+# The decision rules
 
 
-def _relation(a: Detection, b: Detection, relation: str) -> bool:
-    """Does box a stand in `relation` ("left of", "right of", "above", "below") to box b?"""
-    ax, ay = (a.box[0] + a.box[2]) / 2, (a.box[1] + a.box[3]) / 2
-    bx, by = (b.box[0] + b.box[2]) / 2, (b.box[1] + b.box[3]) / 2
-    mx = POSITION_MARGIN * ((a.box[2] - a.box[0]) + (b.box[2] - b.box[0])) / 2
-    my = POSITION_MARGIN * ((a.box[3] - a.box[1]) + (b.box[3] - b.box[1])) / 2
-    checks = {"left of": ax < bx - mx, "right of": ax > bx + mx, "above": ay < by - my, "below": ay > by + my}
-    if relation not in checks:
-        raise ValueError(f"unknown GenEval relation {relation!r}")
-    return checks[relation]
+def compute_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU with the official +1 pixel convention of evaluate_images.py compute_iou."""
+    def area(x0, y0, x1, y1):
+        return max(x1 - x0 + 1, 0) * max(y1 - y0 + 1, 0)
+
+    inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    union = area(*a[:4]) + area(*b[:4]) - inter
+    return float(inter / union) if union else 0.0
 
 
-def judge(meta: dict, detections: list[Detection], colour_of=None) -> tuple[bool, str]:
-    """(correct, reason) for one image. colour_of(detection) -> colour name, used for `color` checks."""
-    floor = COUNTING_THRESHOLD if meta["tag"] == "counting" else THRESHOLD
-    dets = [d for d in detections if d.score >= floor]
-    matched: list[list[Detection]] = []
-    for req in meta["include"]:
-        found = sorted((d for d in dets if d.label == req["class"]), key=lambda d: -d.score)
-        if len(found) < req.get("count", 1):
-            return False, f"expected >= {req.get('count', 1)} {req['class']}, found {len(found)}"
-        if "color" in req:
-            if colour_of is None:
-                raise ValueError("GenEval colour checks need a colour function (CLIP or median pixel)")
-            coloured = [d for d in found if colour_of(d) == req["color"]]
-            if len(coloured) < req.get("count", 1):
-                return False, f"expected {req['color']} {req['class']}, found {[colour_of(d) for d in found]}"
-            found = coloured
-        matched.append(found)
-    for req, found in zip(meta["include"], matched):
-        if "position" in req:
-            relation, ref = req["position"]
-            if not _relation(found[0], matched[ref][0], relation):
-                return False, f"{req['class']} not {relation} {meta['include'][ref]['class']}"
-    for req in meta.get("exclude", []):
-        n = sum(d.label == req["class"] for d in dets)
-        if n >= req["count"]:
-            return False, f"expected < {req['count']} {req['class']}, found {n}"
-    return True, "ok"
-
-
-def summarize(tags: list[str], correct: list[bool]) -> dict[str, float]:
-    """Per-tag accuracy and `overall` = mean over the tags present (GenEval's headline number)."""
-    out = {}
-    for tag in TAGS:
-        picked = [c for t, c in zip(tags, correct) if t == tag]
-        if picked:
-            out[tag] = float(np.mean(picked))
-    for tag in sorted(set(tags) - set(TAGS)):
-        out[tag] = float(np.mean([c for t, c in zip(tags, correct) if t == tag]))
-    if out:
-        out["overall"] = float(np.mean(list(out.values())))
+def group_detections(labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray, masks: np.ndarray | None,
+                     tag: str, rules: GenEvalRules = GenEvalRules()) -> dict[str, list[Detection]]:
+    """Detector output (labels [K] indexing CLASSES, boxes [K, 4], scores [K], masks [K, H, W]) ->
+    the kept detections per class name, most confident first (evaluate_image's filtering)."""
+    floor = rules.counting_threshold if tag == "counting" else rules.threshold
+    out: dict[str, list[Detection]] = {}
+    for index, name in enumerate(CLASSES):
+        picked = np.flatnonzero(labels == index)
+        picked = picked[np.argsort(-scores[picked], kind="stable")]
+        picked = [int(k) for k in picked if scores[k] > floor][:rules.max_objects]
+        kept: list[Detection] = []
+        while picked:
+            best = picked.pop(0)
+            kept.append(Detection(np.asarray(boxes[best], np.float64), float(scores[best]),
+                                  None if masks is None else masks[best]))
+            if rules.max_overlap < 1:
+                picked = [k for k in picked if compute_iou(boxes[best], boxes[k]) < rules.max_overlap]
+        if kept:
+            out[name] = kept
     return out
+
+
+def relative_position(a: Detection, b: Detection, threshold: float = GenEvalRules.position_threshold) -> set[str]:
+    """Relations of a to b (evaluate_images.py relative_position): the centre offset, each axis
+    shrunk towards 0 by threshold x (the two boxes' summed extent on that axis), then normalised by
+    the raw offset's length; an axis whose share is beyond 0.5 names a relation."""
+    boxes = np.stack([a.box[:4], b.box[:4]]).reshape(2, 2, 2)     # [object, corner, xy]
+    centre_a, centre_b = boxes.mean(1)
+    size_a, size_b = np.abs(boxes[:, 1] - boxes[:, 0])
+    offset = centre_a - centre_b
+    revised = np.maximum(np.abs(offset) - threshold * (size_a + size_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    found = set()
+    if dx < -0.5:
+        found.add("left of")
+    if dx > 0.5:
+        found.add("right of")
+    if dy < -0.5:
+        found.add("above")
+    if dy > 0.5:
+        found.add("below")
+    return found
+
+
+ColourFn = Callable[[Sequence[Detection], str], list[str]]   # (objects, class name) -> a colour each
+
+
+def judge(meta: dict, objects: dict[str, list[Detection]], colour_of: ColourFn | None = None,
+          rules: GenEvalRules = GenEvalRules()) -> tuple[bool, str]:
+    """(correct, reason) for one image: evaluate_images.py `evaluate`, clause by clause."""
+    correct, reasons = True, []
+    matched: list[list[Detection] | None] = []
+    for req in meta["include"]:
+        name, count = req["class"], req["count"]
+        ok = True
+        found = objects.get(name, [])[:count]
+        if len(found) < count:
+            ok = False
+            reasons.append(f"expected {name}>={count}, found {len(found)}")
+        else:
+            if "color" in req:
+                if colour_of is None:
+                    raise ValueError("GenEval colour clauses need a colour classifier (metrics.clip_model)")
+                colours = colour_of(found, name)
+                if colours.count(req["color"]) < count:
+                    ok = False
+                    seen = ", ".join(f"{colours.count(c)} {c}" for c in COLORS if c in colours)
+                    reasons.append(f"expected {req['color']} {name}>={count}, found "
+                                   f"{colours.count(req['color'])} {req['color']}; and {seen}")
+            if "position" in req and ok:
+                relation, target = req["position"]
+                if matched[target] is None:
+                    ok = False
+                    reasons.append(f"no target for {name} to be {relation}")
+                else:
+                    for obj in found:
+                        for other in matched[target]:
+                            rels = relative_position(obj, other, rules.position_threshold)
+                            if relation not in rels:
+                                ok = False
+                                reasons.append(f"expected {name} {relation} target, found {' and '.join(sorted(rels))} target")
+                                break
+                        if not ok:
+                            break
+        correct = correct and ok
+        matched.append(found if ok else None)
+    for req in meta.get("exclude", []):
+        n = len(objects.get(req["class"], []))
+        if n >= req["count"]:
+            correct = False
+            reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
+    return correct, "\n".join(reasons)
+
+
+def summarize(records: list[dict]) -> dict[str, float]:
+    """summary_scores.py: per-tag share of correct images, `overall` = their mean over tags,
+    `correct_images` and `correct_prompts` (a prompt counts when any of its images is correct).
+    records: {"tag", "prompt", "correct"} per image."""
+    by_tag: dict[str, list[bool]] = defaultdict(list)
+    by_prompt: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        by_tag[r["tag"]].append(bool(r["correct"]))
+        by_prompt[r["prompt"]].append(bool(r["correct"]))
+    if not records:
+        return {}
+    out = {tag: float(np.mean(v)) for tag, v in by_tag.items()}
+    out["overall"] = float(np.mean([out[t] for t in by_tag]))
+    out["correct_images"] = float(np.mean([bool(r["correct"]) for r in records]))
+    out["correct_prompts"] = float(np.mean([any(v) for v in by_prompt.values()]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The colour judge and the whole judge
+
+
+def masked_crop(image: np.ndarray, det: Detection):
+    """PIL crop the colour classifier sees: the image with everything outside the mask grey, cut
+    to the box (evaluate_images.py ImageCrops with its defaults bgcolor #999, crop 1)."""
+    from PIL import Image
+
+    img = Image.fromarray(image).convert("RGB")
+    if det.mask is not None:
+        if det.mask.shape != image.shape[:2]:
+            raise ValueError(f"mask {det.mask.shape} does not match image {image.shape[:2]}")
+        blank = Image.new("RGB", img.size, MASK_BACKGROUND)
+        img = Image.composite(img, blank, Image.fromarray(np.asarray(det.mask, bool)))
+    return img.crop(tuple(float(v) for v in det.box[:4]))   # PIL rounds the box, as the official crop
+
+
+class ColourClassifier:
+    """CLIP zero-shot colour of masked crops: per colour, the mean of the three templates' unit
+    text embeddings (re-normalised, clip_benchmark's zero_shot_classifier), argmax of cosine."""
+
+    def __init__(self, clip):
+        self.clip = clip                                   # a jobs.metrics.clip_score.ClipScorer
+        self._weights: dict[str, torch.Tensor] = {}        # class name -> [colours, D]
+
+    def weights(self, name: str) -> torch.Tensor:
+        if name not in self._weights:
+            texts = [t.format(c=c, cls=name) for c in COLORS for t in COLOR_TEMPLATES]
+            emb = self.clip.text_embeds(texts).view(len(COLORS), len(COLOR_TEMPLATES), -1)   # [C, T, D], unit rows
+            mean = emb.mean(1)
+            self._weights[name] = mean / mean.norm(dim=-1, keepdim=True)
+        return self._weights[name]
+
+    def __call__(self, image: np.ndarray, objects: Sequence[Detection], name: str) -> list[str]:
+        feats = self.clip.image_embeds([masked_crop(image, d) for d in objects])             # [N, D], unit rows
+        return [COLORS[int(i)] for i in (feats @ self.weights(name).T).argmax(-1)]
+
+
+class GenEvalJudge:
+    """A detector (mask2former.Mask2FormerDetector) + a CLIP (ClipScorer) -> per-image records."""
+
+    def __init__(self, detector, clip=None, rules: GenEvalRules = GenEvalRules()):
+        self.detector, self.rules = detector, rules
+        self.colours = ColourClassifier(clip) if clip is not None else None
+
+    def __call__(self, images: np.ndarray, metas: list[dict]) -> list[dict]:
+        """uint8 images [B, H, W, 3] + their metadata -> {tag, prompt, correct, reason, details} each."""
+        if self.colours is None and any("color" in r for m in metas for r in m["include"]):
+            raise ValueError("GenEval colour prompts need metrics.clip_model (the official judge is CLIP ViT-L/14)")
+        out = []
+        for image, meta, inst in zip(images, metas, self.detector(images)):
+            objects = group_detections(inst.labels, inst.boxes, inst.scores, inst.masks, meta["tag"], self.rules)
+            colour_of = None if self.colours is None else (lambda objs, name, im=image: self.colours(im, objs, name))
+            ok, reason = judge(meta, objects, colour_of, self.rules)
+            details = {k: [[*map(float, d.box), d.score] for d in v] for k, v in objects.items()}
+            out.append({"tag": meta["tag"], "prompt": meta["prompt"], "correct": ok, "reason": reason,
+                        "details": json.dumps(details)})
+        return out

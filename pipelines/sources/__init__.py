@@ -10,6 +10,9 @@ Every reader turns a release's raw layout into rows of the same shape:
     image    bytes|None   the encoded image as stored in the release
     caption  str|None     the prompt/caption text
     url      str|None     the image URL, for releases that ship URLs instead of bytes
+    caption_from str|None the release field the caption came from when it is a fallback
+                          (DALL-E 3's `synthetic_caption` where `caption` is empty), else None
+    note     str|None     what is missing, naming the member or field (a sample without its image)
 
 A release is read in *read units*, one per file (or per group of byte-split tar parts); a unit is
 the grain of parallelism and `(source, origin, pos)` orders rows deterministically.
@@ -43,6 +46,8 @@ ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
         "image": ("image", "jpg", "png", "image_bytes"),
         "caption": ("caption", "prompt", "text", "revised_prompt", "alt_text"),
         "url": ("url", "link", "image_url"),
+        # OpenDatasets/dalle-3-dataset: used per row where `caption` is empty, as the reference does.
+        "fallback_caption": ("synthetic_caption",),
     },
     # ShareGPT-4o-Image text_to_image.json records.
     "sharegpt4o": {
@@ -62,6 +67,8 @@ ROW_SCHEMA = pa.schema([
     ("image", pa.binary()),
     ("caption", pa.string()),
     ("url", pa.string()),
+    ("caption_from", pa.string()),
+    ("note", pa.string()),
 ])
 
 
@@ -216,6 +223,7 @@ def read_unit(unit: ReadUnit) -> Iterator[dict[str, Any]]:
     yield from readers[unit.source](unit)
 
 
-def row(unit: ReadUnit, key: str, pos: int, image: bytes | None, caption: str | None, url: str | None = None) -> dict[str, Any]:
+def row(unit: ReadUnit, key: str, pos: int, image: bytes | None, caption: str | None, url: str | None = None,
+        caption_from: str | None = None, note: str | None = None) -> dict[str, Any]:
     return {"key": key, "source": unit.source, "origin": unit.origin, "pos": pos,
-            "image": image, "caption": caption, "url": url}
+            "image": image, "caption": caption, "url": url, "caption_from": caption_from, "note": note}

@@ -1,17 +1,23 @@
 """ShareGPT-4o-Image (text-to-image part): JSON metadata pointing into tar archives of PNGs.
 
-Layout (huggingface.co/datasets/FreedomIntelligence/ShareGPT-4o-Image): `text_to_image.json`, a list
-of records `{"input_prompt": ..., "output_image": "text_to_image/00001.png", ...}` (JSON Lines also
-read), and the images in tar archives - whole `.tar`/`.tar.gz` files or byte-split parts
-(`*.tar.gz.part_aa`, `_ab`, ... joined in name order). A row's key is the image path as the
-metadata writes it; its origin is the archive that held the image. Records whose image is in no
-archive are reported by `missing` (the driver counts them as `image_missing`).
+Layout (huggingface.co/datasets/FreedomIntelligence/ShareGPT-4o-Image, as the reference's
+`scripts/datasets/prepare_sharegpt4o_webdataset.py` reads it): `text_to_image.json`, a list of
+records `{"input_prompt": ..., "output_image": "image/<n>.png", "output_image_resolution": ...}`,
+and the images in `text_to_image_part_<i>.tar` as members `image/<n>.png`. `folder` takes the
+download folder as it is and reads exactly those files (the card, the editing subset and anything
+else beside them are left alone). `metadata` + `images` name other layouts: JSON Lines metadata,
+whole `.tar`/`.tar.gz` archives or byte-split parts (`*.tar.gz.part_aa`, `_ab`, ... joined in name
+order). A row's key is the image path as the metadata writes it; its origin is the archive that
+held the image. Records whose image is in no archive are reported by `missing`, naming the member
+(the driver counts them as `image_missing`). Prompts over 256 T5 tokens are dropped by curate's
+caption filter, as the reference drops them.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -19,13 +25,20 @@ from pipelines import storage
 from pipelines.sources import ALIASES, ReadUnit, expand, group_archive_parts, iter_tar, pick, row
 
 SOURCE = "sharegpt4o"
+METADATA_NAME = "text_to_image.json"
+PART = re.compile(r"text_to_image_part_\d+\.tar")  # the release's image archives
 
 
 @dataclass
 class ShareGPT4oConfig:
-    metadata: str = ""                               # text_to_image.json (or .jsonl); "" = not used
-    images: list[str] = field(default_factory=list)  # image tar archives / parts, or folders of them
+    folder: str = ""                                 # the download folder as is (text_to_image.json + parts)
+    metadata: str = ""                               # or: text_to_image.json (or .jsonl); "" = not used
+    images: list[str] = field(default_factory=list)  # and: image tar archives / parts, or folders of them
     weight: float = 0.04                             # mix weight (MiniT2I finetune recipe)
+
+
+def metadata_uri(cfg: ShareGPT4oConfig) -> str:
+    return storage.join(cfg.folder, METADATA_NAME) if cfg.folder else cfg.metadata
 
 
 def normalise_path(path: str) -> str:
@@ -67,7 +80,22 @@ def load_metadata(uri: str) -> dict[str, str]:
     return out
 
 
+def _folder_units(cfg: ShareGPT4oConfig) -> list[ReadUnit]:
+    if cfg.metadata or cfg.images:
+        raise ValueError(f"sources.{SOURCE}: give folder, or metadata + images, not both")
+    meta = metadata_uri(cfg)
+    if not storage.exists(meta):
+        raise FileNotFoundError(f"sources.{SOURCE}.folder: {cfg.folder} has no {METADATA_NAME}")
+    parts = [u for u in storage.list_files(cfg.folder) if PART.fullmatch(posixpath.basename(u))]
+    if not parts:
+        raise ValueError(f"sources.{SOURCE}.folder: no text_to_image_part_<i>.tar in {cfg.folder}")
+    parts.sort(key=lambda u: int(re.findall(r"\d+", posixpath.basename(u))[-1]))
+    return [ReadUnit(SOURCE, posixpath.basename(u), [u], metadata=meta) for u in parts]
+
+
 def units(cfg: ShareGPT4oConfig) -> list[ReadUnit]:
+    if cfg.folder:
+        return _folder_units(cfg)
     if not cfg.metadata:
         if cfg.images:
             raise ValueError(f"sources.{SOURCE}.images is set but sources.{SOURCE}.metadata is empty")
@@ -109,8 +137,12 @@ def read(unit: ReadUnit) -> Iterator[dict[str, Any]]:
         pos += 1
 
 
-def missing(metadata: str, found: set[str]) -> list[dict[str, Any]]:
-    """Rows for metadata records whose image was in none of the archives (origin: the metadata file)."""
+def missing(cfg: ShareGPT4oConfig, found: set[str]) -> list[dict[str, Any]]:
+    """Rows for metadata records whose image was in none of the archives (origin: the metadata
+    file), each with a note naming the member."""
+    metadata = metadata_uri(cfg)
     index = load_metadata(metadata)
     unit = ReadUnit(SOURCE, posixpath.basename(storage.resolve(metadata)[1]), [metadata])
-    return [row(unit, key, pos, None, caption) for pos, (key, caption) in enumerate(index.items()) if key not in found]
+    where = "text_to_image_part_*.tar" if cfg.folder else f"sources.{SOURCE}.images"
+    return [row(unit, key, pos, None, caption, note=f"{key}: in no archive of {where}")
+            for pos, (key, caption) in enumerate(index.items()) if key not in found]

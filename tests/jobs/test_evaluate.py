@@ -4,13 +4,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.evaluate import EvalConfig, MetricsConfig, evaluate
+from jobs.evaluate import EvalConfig, MetricsConfig, evaluate, write_benchmark_prompts
+from jobs.generate import read_prompts
+from jobs.metrics import geneval
+from jobs.metrics.fid import INCEPTION_FILE
 from tests.conftest import run_cli
-from tests.jobs.metrics.helpers import (build_tiny_clip, build_tiny_detector, build_tiny_vit, build_tiny_vqa,
-                                        render_caption, write_dpg_csv, write_generated)
+from tests.jobs.metrics.benchmark_fixtures import (GENEVAL_LINES, build_tiny_inception, build_tiny_mask2former,
+                                                   write_coco_captions, write_dpg_csv, write_geneval_metadata)
+from tests.jobs.metrics.helpers import build_tiny_clip, build_tiny_vqa, render_caption, write_generated
 
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "a red circle and a white square"]
-GENEVAL = {"tag": "single_object", "include": [{"class": "circle", "count": 1}]}
+# a GenEval metadata line as `generate` stores it (the prompt is the image's own)
+GENEVAL = {"tag": "single_object", "include": [{"class": "sports ball", "count": 1}]}
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +30,23 @@ def folder(tmp_path_factory):
 
 def test_eval_scores_known_images_with_every_metric(tmp_path, folder):
     models = tmp_path / "models"
+    ball = geneval.CLASSES.index("sports ball")
     cfg = EvalConfig(images=str(folder), out=str(tmp_path / "ev"), metrics=MetricsConfig(
-        clip_model=str(build_tiny_clip(models / "clip")), fid_model=str(build_tiny_vit(models / "vit")),
-        fid_reference=str(folder), geneval_detector=str(build_tiny_detector(models / "det")),
-        dpg_csv=str(write_dpg_csv(tmp_path / "dpg.csv")), vqa_model=str(build_tiny_vqa(models / "vqa"))))
+        clip_model=str(build_tiny_clip(models / "clip")), fid_model=str(build_tiny_inception(models / INCEPTION_FILE)),
+        fid_reference=str(folder), geneval_detector=str(build_tiny_mask2former(models / "m2f", favour=ball)),
+        dpg_bench=str(write_dpg_csv(tmp_path / "dpg_bench.csv")), vqa_model=str(build_tiny_vqa(models / "vqa"))))
     s = evaluate(cfg)
     assert s["world/overall"] == pytest.approx(0.5) and s["world/correct"] == 0.5
     for cat in ("single_object", "two_objects", "counting", "position"):
         assert s[f"world/{cat}"] == 0.5
     assert s["artifact_patch"] == 16 and np.isfinite(s["artifact_ratio"])   # flat shapes: edges rarely on the grid
     assert s["fid"] == pytest.approx(0.0, abs=1e-3)                       # the set against itself
-    assert 0 <= s["clip_score"] <= 100 and 0 <= s["geneval/overall"] <= 1 and 0 <= s["dpg/score"] <= 1
+    assert 0 <= s["clip_score"] <= 100 and 0 <= s["dpg/score"] <= 1 and s["dpg/prompts"] == 1
+    assert s["geneval/single_object"] == 1.0 and s["geneval/overall"] == 1.0      # every query of the detector is a ball
     records = pq.read_table(tmp_path / "ev" / "records.parquet").to_pylist()
     assert [r["world_correct"] for r in records] == [True] * 4 + [False] * 4
-    assert records[0]["geneval_tag"] == "single_object" and records[1]["dpg_score"] is not None
+    assert records[0]["geneval_tag"] == "single_object" and records[0]["geneval_correct"]
+    assert "sports ball" in json.loads(records[0]["geneval_details"]) and records[1]["dpg_score"] is not None
     assert all(r["artifact_ratio"] >= 0 for r in records)
     saved = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert saved["summary"]["world/overall"] == s["world/overall"]
@@ -52,3 +60,19 @@ def test_eval_cli(tmp_path, folder):
     assert proc.returncode == 2 and "FID needs both" in proc.stderr
     proc = run_cli("eval", f"images={tmp_path / 'nothing'}", check=False)
     assert proc.returncode == 2 and "no manifest.json" in proc.stderr
+
+
+def test_benchmark_files_become_generate_prompts(tmp_path):
+    meta = write_geneval_metadata(tmp_path / "evaluation_metadata.jsonl")
+    rows = read_prompts(write_benchmark_prompts(MetricsConfig(geneval_metadata=str(meta)), str(tmp_path / "g")))
+    assert [r["prompt"] for r in rows] == [line["prompt"] for line in GENEVAL_LINES]
+    assert rows[2]["metadata"] == {"tag": "counting", "include": [{"class": "clock", "count": 2}],
+                                   "exclude": [{"class": "clock", "count": 3}]}
+    rows = read_prompts(write_benchmark_prompts(MetricsConfig(dpg_bench=str(write_dpg_csv(tmp_path / "d.csv"))), str(tmp_path / "d")))
+    assert [r["metadata"]["item_id"] for r in rows] == ["first", "p1", "p2"]
+    coco = write_coco_captions(tmp_path / "coco-30-val-2014-captions.json")
+    rows = read_prompts(write_benchmark_prompts(MetricsConfig(coco_captions=str(coco)), str(tmp_path / "c")))
+    assert len(rows) == 4 and rows[0]["metadata"] == {"coco_id": "391895"}
+    assert write_benchmark_prompts(MetricsConfig(), str(tmp_path / "n")) is None
+    with pytest.raises(ValueError, match="one benchmark file at a time"):
+        write_benchmark_prompts(MetricsConfig(geneval_metadata=str(meta), coco_captions=str(coco)), str(tmp_path / "x"))

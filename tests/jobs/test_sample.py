@@ -12,7 +12,7 @@ def test_sample_cli_from_a_checkpoint_writes_a_grid(tmp_path):
     t5 = build_tiny_t5(tmp_path / "t5", d_model=32, num_layers=1, num_heads=2)
     cfg = preset("debug", text_dim=32, text_length=16)
     net = MMJiT(cfg)
-    torch.nn.init.normal_(net.final.weight, std=0.05)
+    torch.nn.init.normal_(net.final_layer.linear.weight, std=0.05)
     save_weights(tmp_path / "ckpt", net.state_dict(), cfg, TextEncoderConfig(str(t5), 16), DenoiserConfig(), name="ema_0.999")
     out = tmp_path / "grid.png"
     args = ["sample", f"checkpoint={tmp_path / 'ckpt'}", "prompts=[a red circle, two blue squares]",

@@ -6,6 +6,8 @@ import torch
 from model.denoiser import (
     DenoiserConfig, SamplerConfig, add_noise, guided_velocity, per_sample_draws, sample, timesteps, training_loss, x_to_v,
 )
+
+NO_TEXT = (torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
 from model.mmjit import MMJiT, preset
 
 
@@ -80,7 +82,7 @@ def _net(seed=0):
     cfg = preset("debug", text_length=8)
     net = MMJiT(cfg).eval()
     torch.manual_seed(seed)
-    torch.nn.init.normal_(net.final.weight, std=0.05)
+    torch.nn.init.normal_(net.final_layer.linear.weight, std=0.05)
     g = torch.Generator().manual_seed(1)
     text = torch.randn(2, 8, cfg.text_dim, generator=g)
     mask = torch.ones(2, 8, dtype=torch.bool)
@@ -138,6 +140,127 @@ def test_euler_converges_to_the_exact_flow_on_gaussian_data():
     assert errors[2] / errors[3] > 3        # first order: ~4x smaller error for 4x the steps
 
 
+class GaussianOracle:
+    """The ideal x-predictor for data x ~ N(m, s^2) per pixel and eps ~ N(0, n^2): the posterior
+    mean m + t s^2 / var_t (z - t m), var_t = t^2 s^2 + (1-t)^2 n^2. It is told t by walking the
+    grid the sampler is expected to use, so a sampler on another grid fails the test."""
+
+    def __init__(self, m, s, n, grid):
+        self.m, self.s, self.n, self.calls = m, s, n, iter(grid)
+
+    def __call__(self, z, text, mask):
+        t = next(self.calls)
+        var = t * t * self.s ** 2 + (1 - t) ** 2 * self.n ** 2
+        return self.m + t * self.s ** 2 / var * (z - t * self.m)
+
+
+def test_euler_4e_2_grid_ends_at_0_96_then_jumps():
+    assert torch.allclose(timesteps(5, final_jump=0.04), torch.tensor([0.0, 0.24, 0.48, 0.72, 0.96, 1.0]))
+    shifted = timesteps(5, shift=3.0, final_jump=0.04)
+    assert shifted[0] == 0 and shifted[-1] == 1 and (shifted[1:-1] < torch.tensor([0.24, 0.48, 0.72, 0.96])).all()
+
+
+@pytest.mark.parametrize("a_min", [1e-12, 0.05])
+def test_euler_4e_2_converges_to_its_closed_form_on_gaussian_data(a_min):
+    # Up to t = 0.96 the exact flow maps z0 = n u to z = 0.96 m + sd u, sd = sqrt(var_0.96); the last
+    # step is one Euler jump of 0.04 with v = (x_hat - z) / max(0.04, a_min): it lands on the oracle's
+    # x_hat when a_min <= 0.04, and only 0.04 / 0.05 = 80% of the way there with MiniT2I's a_min 0.05.
+    m, s, n, T = 0.3, 0.5, 2.0, 0.96
+    u = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    sd = math.sqrt(T * T * s * s + (1 - T) ** 2 * n * n)
+    z, x_hat = T * m + sd * u, m + T * s * s / sd * u
+    exact = z + 0.04 / max(0.04, a_min) * (x_hat - z)
+    errors = []
+    for steps in (8, 32, 128, 512):
+        grid = torch.cat([torch.linspace(0, T, steps, dtype=torch.float64), torch.ones(1, dtype=torch.float64)]).float().tolist()
+        cfg = SamplerConfig(sampler="euler-4e-2", steps=steps, cfg_scale=1.0, noise_scale=n, a_min=a_min)
+        out = sample(GaussianOracle(m, s, n, grid[:-1]), *NO_TEXT, u.shape, cfg, noise=u)
+        errors.append((out - exact).abs().max().item())
+    print(f"euler-4e-2 (a_min {a_min}) max error by steps 8/32/128/512:", errors)
+    assert errors[0] > errors[1] > errors[2] > errors[3] and errors[3] < 0.01
+
+
+def reference_sde(m, s, n, steps, u, generator, a_min=0.05):
+    """minit2i-jax `sample_one_step_sde` as written, in float64: time s_ = 1 - t, the velocity
+    negated, SiT's score from the velocity, drift v - g/2 score, noise sqrt(g) sqrt(|ds|) xi."""
+    z = u.double() * n
+    ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).float().tolist()
+    for i in range(steps):
+        t_cur, t_next = ts[i], ts[i + 1]
+        var_t = t_cur ** 2 * s ** 2 + (1 - t_cur) ** 2 * n ** 2
+        x_hat = m + t_cur * s ** 2 / var_t * (z - t_cur * m)
+        v = (x_hat - z) / max(1 - t_cur, a_min)
+        s_cur, s_next = 1 - t_cur, 1 - t_next
+        ds, g = s_next - s_cur, 2 * s_cur
+        alpha, d_alpha, sigma, d_sigma = 1 - s_cur, -1.0, s_cur, 1.0
+        ratio = alpha / d_alpha
+        score = (ratio * -v - z) / (sigma ** 2 - ratio * d_sigma * sigma)
+        drift = -v - 0.5 * g * score
+        xi = torch.randn(u.shape, generator=generator).double() if i < steps - 1 else 0.0
+        z = z + drift * ds + math.sqrt(g) * math.sqrt(abs(ds)) * xi
+    return z
+
+
+def test_sde_follows_the_reference_update_rule_step_for_step():
+    m, s, n, steps = 0.3, 0.5, 2.0, 20
+    u = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).float().tolist()
+    cfg = SamplerConfig(sampler="sde", steps=steps, cfg_scale=1.0, noise_scale=n, a_min=0.05)
+    out = sample(GaussianOracle(m, s, n, grid[:-1]), *NO_TEXT, u.shape, cfg, noise=u,
+                 generator=torch.Generator().manual_seed(5))
+    ref = reference_sde(m, s, n, steps, u, torch.Generator().manual_seed(5))
+    assert torch.allclose(out.double(), ref, atol=1e-5), (out.double() - ref).abs().max()
+
+
+def sde_moments(m, s, n, steps):
+    """Closed form of the sde chain's output law on Gaussian data: each step is affine in z plus
+    Gaussian noise, z' = a z + b + c xi, so mean' = a mean + b and var' = a^2 var + c^2."""
+    mean, var = 0.0, n * n
+    for i in range(steps):
+        t, dt = i / steps, 1 / steps
+        A = t * s * s / (t * t * s * s + (1 - t) ** 2 * n * n)            # x_hat = A z + (1 - A t) m
+        v_a, v_b = (A - 1) / (1 - t), (1 - A * t) * m / (1 - t)          # v = v_a z + v_b
+        a, b = 1 + dt * ((1 + t) * v_a - 1), dt * (1 + t) * v_b
+        mean, var = a * mean + b, a * a * var + (2 * (1 - t) * dt if i < steps - 1 else 0.0)
+    return mean, var
+
+
+@pytest.mark.parametrize("n", [1.0, 2.0])
+def test_sde_output_law_on_gaussian_data_matches_its_closed_form(n):
+    # With unit noise the reference's score is the true one and the chain samples the data law
+    # N(m, s^2). MiniT2I samples with noise 2.0, where that score formula (written for unit-variance
+    # eps) over-corrects: the closed form ends with a far smaller variance than the data's.
+    m, s, steps = 0.3, 0.5, 200
+    u = torch.randn(1, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).float().tolist()
+    cfg = SamplerConfig(sampler="sde", steps=steps, cfg_scale=1.0, noise_scale=n, a_min=1e-12)
+    out = sample(GaussianOracle(m, s, n, grid[:-1]), *NO_TEXT, u.shape, cfg, noise=u, generator=torch.Generator().manual_seed(1))
+    mean, var = sde_moments(m, s, n, steps)
+    print(f"sde noise {n}: closed form mean {mean:.4f} var {var:.4f}; samples {out.mean():.4f} {out.var():.4f}")
+    assert abs(out.mean().item() - mean) < 0.01 and abs(out.var().item() / var - 1) < 0.05
+    if n == 1.0:
+        assert abs(mean - m) < 1e-6 and abs(var - s * s) < 0.01
+    else:
+        assert var < 0.5 * s * s
+
+
+def test_sde_is_bit_identical_for_a_seed_and_per_image_generators_ignore_the_batch():
+    net, text, mask = _net()
+    cfg = SamplerConfig(sampler="sde", steps=5, cfg_scale=2.0)
+    run = lambda seed: sample(net, text, mask, (2, 3, 32, 32), cfg, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(run(42), run(42)) and not torch.equal(run(42), run(43))
+    with pytest.raises(ValueError, match="pass a generator"):
+        sample(net, text, mask, (2, 3, 32, 32), cfg, noise=torch.zeros(2, 3, 32, 32))
+    # One generator per image: image 1's noise at every step is its own, whoever shares its batch.
+    m, s, n, steps = 0.3, 0.5, 2.0, 6
+    grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).float().tolist()
+    c = SamplerConfig(sampler="sde", steps=steps, cfg_scale=1.0, noise_scale=n)
+    gens = lambda *seeds: [torch.Generator().manual_seed(x) for x in seeds]   # noqa: E731
+    pair = sample(GaussianOracle(m, s, n, grid[:-1]), *NO_TEXT, (2, 1, 8, 8), c, generator=gens(7, 8))
+    alone = sample(GaussianOracle(m, s, n, grid[:-1]), *NO_TEXT, (1, 1, 8, 8), c, generator=gens(8))
+    assert torch.equal(pair[1:], alone)
+
+
 def test_time_shift_schedule():
     t = timesteps(10)
     assert t[0] == 0 and t[-1] == 1 and torch.allclose(t, torch.linspace(0, 1, 11))
@@ -156,7 +279,7 @@ def test_sampling_is_bit_identical_for_a_seed():
 
 
 def test_bad_sampler_settings_are_refused():
-    with pytest.raises(ValueError, match="sampler must be"):
+    with pytest.raises(ValueError, match="sampler must be one of euler, heun, euler-4e-2, sde"):
         SamplerConfig(sampler="dpm")
     with pytest.raises(ValueError, match="cfg_interval"):
         SamplerConfig(cfg_interval=(0.8, 0.2))

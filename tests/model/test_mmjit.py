@@ -1,11 +1,14 @@
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from model.mmjit import (
-    MMJiT, PRESETS, apply_rope, count_params, forward_flops, preset, rope_angles_1d, rope_angles_2d,
+    MMJiT, PRESETS, RMSNorm, apply_rope, count_params, forward_flops, preset, rope_angles_1d, rope_angles_2d,
 )
+from model.released import unused_shapes
+from tests.model.released_layout import PREFIX, debug_config, is_gain, plain_forward, random_state
 
 
 def small(name: str, **kw):
@@ -25,7 +28,7 @@ def inputs(cfg, B=2, L=8, seed=0):
 
 def randomize_output(net):
     torch.manual_seed(1)
-    torch.nn.init.normal_(net.final.weight, std=0.02)
+    torch.nn.init.normal_(net.final_layer.linear.weight, std=0.02)
 
 
 def live_debug_net(attn_mask: bool):
@@ -53,14 +56,63 @@ def test_output_exactly_zero_at_init():
 
 
 def test_every_weight_but_the_last_blocks_text_update_gets_a_gradient():
-    # The last joint block's text output reaches nothing: its out-proj and MLP are skipped (the
-    # weights stay, as in MiniT2I's layout). Everything else must learn.
+    # The last joint block's text output reaches nothing: its out-proj, MLP and the norm before it
+    # are skipped (the weights stay, as in MiniT2I's layout). Everything else must learn, every
+    # norm gain included.
     net, x, text, mask = live_debug_net(False)
     net(x, text, mask).square().mean().backward()
-    last = len(net.blocks) - 1
+    last = len(net.double_blocks) - 1
     idle = {n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()}
     assert idle == {n for n, _ in net.named_parameters()
-                    if n.startswith((f"blocks.{last}.text.proj.", f"blocks.{last}.text.mlp."))}
+                    if n.startswith(tuple(f"double_blocks.{last}.txt_{m}." for m in ("attn_proj", "mlp", "norm2")))}
+
+
+def test_parameter_names_are_the_released_ones():
+    # The released checkpoints' keys without `model.net.`, less the two parts no forward reads.
+    cfg = preset("debug", text_length=8)
+    released = {k.removeprefix(PREFIX) for k in random_state(debug_config())}
+    assert set(MMJiT(cfg).state_dict()) == released - set(unused_shapes(cfg.text_dim, cfg.width))
+
+
+def test_unit_gains_leave_every_norm_bit_identical():
+    # With all gains 1 (their init) the network computes exactly what it did without gains.
+    x = torch.randn(4, 7, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(RMSNorm(64)(x), torch.nn.functional.rms_norm(x, (64,), eps=1e-6))
+
+
+def _with_released_weights(gains_one: bool):
+    """The debug net with random released weights (gains 1 or random) and its plain-code twin."""
+    c = debug_config()
+    state = random_state(c, seed=3)
+    if gains_one:
+        state = {k: torch.ones_like(v) if is_gain(k) else v for k, v in state.items()}
+    net = MMJiT(preset("debug", text_length=8)).eval()
+    state = {k.removeprefix(PREFIX): v for k, v in state.items()}
+    net.load_state_dict({k: v for k, v in state.items() if not k.startswith(("t_embedder.", "pooled_embedder."))})
+    return net, c, state
+
+
+def test_forward_equals_plain_reference_code_with_unit_gains():
+    net, c, state = _with_released_weights(gains_one=True)
+    x, text, mask = inputs(net.config)
+    with torch.no_grad():
+        ours, ref = net(x, text, mask), plain_forward(state, c, x, text, mask)
+    assert ours.abs().mean() > 0.1
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("family", ["img_norm1", "txt_norm1", "img_norm2", "q_norm", "k_norm",
+                                    "txt_preamble_blocks.0.norm1", "txt_preamble_blocks.1.norm2", "norm_final"])
+def test_norm_gains_change_the_output(family):
+    net, _, _ = _with_released_weights(gains_one=True)
+    x, text, mask = inputs(net.config)
+    with torch.no_grad():
+        before = net(x, text, mask)
+        hits = [p for n, p in net.named_parameters() if family in n and n.endswith(".weight") and p.dim() == 1]
+        assert hits
+        for p in hits:
+            p.mul_(1.5)
+        assert not torch.allclose(net(x, text, mask), before, atol=1e-4)
 
 
 @pytest.mark.parametrize("attn_mask", [False, True])
@@ -128,11 +180,17 @@ def test_rope_depends_only_on_relative_position():
 
 
 def test_reference_parameter_counts():
-    # MiniT2I's released shapes: B/16 ~258M and L/16 ~912M with 4096-dim (T5-XXL-width) features;
-    # with FLAN-T5-large's 1024-dim features B/16 is ~256.5M.
-    assert count_params(preset("B/16", text_dim=1024)) == 256_489_984
-    assert round(count_params(preset("B/16", text_dim=4096)) / 1e6) == 259
-    assert round(count_params(preset("L/16", text_dim=4096)) / 1e6) == 912
+    # With FLAN-T5-large's 1024-dim features. Gains: 4 block norms [D] + q/k-norm [Dh] per joint
+    # block, 2 [D] + 2 [Dh] per text block, the final norm (CONTEXT.md: 58,496 and 123,656).
+    b16, l16 = preset("B/16", text_dim=1024), preset("L/16", text_dim=1024)
+    assert count_params(b16, norm_gains_only=True) == 17 * (4 * 768 + 2 * 64) + 2 * (2 * 768 + 2 * 64) + 768 == 58_496
+    assert count_params(l16, norm_gains_only=True) == 123_656
+    assert count_params(b16) == 256_489_984 + 58_496
+    # The released files also store a timestep embedder and a pooled-text embedder (cond width = D),
+    # which makes B/16 the published "258M" and L/16 the "912M".
+    unused = lambda cfg: sum(math.prod(s) for s in unused_shapes(cfg.text_dim, cfg.width).values())  # noqa: E731
+    assert unused(b16) == 1_574_400 and round((count_params(b16) + unused(b16)) / 1e6) == 258
+    assert round((count_params(l16) + unused(l16)) / 1e6) == 912
     assert preset("L/16").mlp_hidden == 3376 and preset("B/16").mlp_hidden == 2048
 
 

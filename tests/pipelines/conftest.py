@@ -196,3 +196,52 @@ def image_server(canary):
     server = ImageServer(canary.base)
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def cc12m_mirror(tmp_path_factory):
+    """A three-tar cc12m-wds mirror in its published layout, with its CaptionEmporium caption file.
+
+    Tars 0 and 1 are written by img2dataset's own WebDataset writer (tar 1 has a gap where a download
+    failed). Tar 2 is damaged the ways a copy can be: a sample without its image member, an
+    undecodable image, an unreadable .json, and the file cut off inside the last sample's image.
+    `samples` maps every key the mirror names to {url, caption, image}; `captions` is the LLaVA file.
+    """
+    import json
+
+    from img2dataset.downloader import compute_key
+
+    from tests.pipelines.sources.layouts import encode, smooth_image, wds_members, write_cc12m_wds, write_llava_captions, write_tar
+
+    root = tmp_path_factory.mktemp("cc12m-wds")
+
+    def sample(shard: int, i: int) -> dict:
+        return {"url": f"https://img.example/{shard}/{i}.jpg", "caption": f"alt text {shard}.{i}",
+                "image": encode(smooth_image(100 * shard + i, (96, 64)), "JPEG"), "original_size": (960, 640)}
+
+    shards = [[sample(0, i) for i in range(3)], [sample(1, 0), {**sample(1, 1), "image": None}, sample(1, 2)]]
+    write_cc12m_wds(root, shards)
+    samples = {compute_key(i, s, 5, 4): x for s, xs in enumerate(shards) for i, x in enumerate(xs) if x["image"]}
+
+    damaged = [sample(2, i) for i in range(5)]
+    keys = [compute_key(i, 2, 5, 4) for i in range(5)]
+    meta = lambda k, x: json.dumps({"caption": x["caption"], "url": x["url"], "key": k, "status": "success",  # noqa: E731
+                                    "error_message": None, "width": 96, "height": 64, "original_width": 960,
+                                    "original_height": 640, "exif": "{}"}, indent=4)
+    half = damaged[2]["image"][: len(damaged[2]["image"]) // 2]
+    members = wds_members([
+        (keys[0], {"jpg": damaged[0]["image"], "json": meta(keys[0], damaged[0]), "txt": damaged[0]["caption"]}),
+        (keys[1], {"json": meta(keys[1], damaged[1]), "txt": damaged[1]["caption"]}),
+        (keys[2], {"jpg": half, "json": meta(keys[2], damaged[2]), "txt": damaged[2]["caption"]}),
+        (keys[3], {"jpg": damaged[3]["image"], "json": "{truncated json", "txt": damaged[3]["caption"]}),
+        (keys[4], {"jpg": damaged[4]["image"] * 3, "json": meta(keys[4], damaged[4]), "txt": damaged[4]["caption"]}),
+    ])
+    tar = write_tar(root / "cc12m-train-0002.tar", members)
+    data = tar.read_bytes()
+    tar.write_bytes(data[: data.index(damaged[4]["image"] * 3) + 200])
+    samples.update(zip(keys, damaged))
+
+    lines = [{"caption_llava": f"LLaVA caption of {k}", "caption_llava_short": f"short {k}", "caption": x["caption"],
+              "url": x["url"], "key": k, "status": "success"} for k, x in sorted(samples.items())]
+    return {"root": root, "samples": samples, "keys": sorted(samples), "lines": lines,
+            "captions": write_llava_captions(root.parent / "captions" / "train.jsonl.gz", lines)}

@@ -18,8 +18,9 @@ from model.text_encoder import build_tiny_t5
 from pipelines import manifest
 from pipelines.curate import CurateConfig, HammingIndex, aspect_bucket, caption_attributes, curate
 from tests.conftest import run_cli
-from tests.pipelines.sources.layouts import (encode, smooth_image, wds_members, write_geneval_prompts,
-                                             write_parquet, write_sharegpt, write_tar)
+from tests.pipelines.sources.layouts import (BLIP3O_TARS, encode, smooth_image, wds_members, write_dalle3_release,
+                                             write_geneval_prompts, write_parquet, write_sharegpt, write_sharegpt_release,
+                                             write_tar)
 
 PLANTED_PROMPT = "a photo of a purple bench"
 
@@ -268,3 +269,51 @@ def test_small_helpers():
     assert aspect_bucket(1024, 1024) == "1:1" and aspect_bucket(1792, 1024) == "16:9" and aspect_bucket(1024, 1536) == "2:3"
     assert caption_attributes("A Grey cat in front of two dogs, pixel art") == {
         "attr_color": ["grey"], "attr_count": ["two"], "attr_spatial": ["in front of"], "attr_style": ["pixel art"]}
+
+
+def test_the_releases_as_downloaded(world, ray_session, tmp_path):
+    """The three download folders exactly as published, with their quirks: BLIP3o-60K's eleven named
+    tars (geneval_train.tar flagged, a sample without its image), the DALL-E 3 parquet with empty
+    captions, ShareGPT-4o-Image's folder with a record whose image is in no part."""
+    from pipelines.sources.blip3o import FLAGGED
+
+    blip = tmp_path / "BLIP3o-60k"
+    for i, name in enumerate(BLIP3O_TARS):
+        write_tar(blip / name, wds_members([(f"{i:06d}", {"jpg": encode(smooth_image(40 + i), "JPEG"), "txt": f"a scene from {name}"})]))
+    write_tar(blip / "geneval_train.tar", wds_members([
+        ("000001", {"jpg": encode(smooth_image(60), "JPEG"), "txt": "a photo of a bench"}),
+        ("000002", {"txt": "a photo of two cats"}),
+    ]))
+    dalle = write_dalle3_release(tmp_path / "dalle-3-dataset", [
+        {"image": encode(smooth_image(61)), "caption": "a red fox in snow", "synthetic_caption": "a fox"},
+        {"image": encode(smooth_image(62)), "caption": "", "synthetic_caption": "a lighthouse at dusk"},
+        {"image": encode(smooth_image(63)), "caption": "", "synthetic_caption": ""},
+    ])
+    share = write_sharegpt_release(tmp_path / "ShareGPT-4o-Image", [
+        (0, "a robot reading a book", encode(smooth_image(64))), (1, "x" * 300, encode(smooth_image(65))),
+        (2, "lost image", None), (3, "five yellow balloons", encode(smooth_image(66)))])
+    cfg = _config(world, tmp_path / "out", concurrency=2)
+    cfg["sources"] = {"blip3o": {"paths": [str(blip)]}, "dalle3": {"paths": [str(dalle)]},
+                      "sharegpt4o": {"folder": str(share)}}
+    cfg["shard_rows"] = 100
+    logs = []
+    curate(from_dict(CurateConfig, cfg), log=logs.append)
+    log = "\n".join(logs)
+
+    stats = manifest.read(str(tmp_path / "out")).stats
+    assert stats["contamination"]["flagged_files"] == [
+        {"file": "blip3o/geneval_train.tar", "rows_read": 2, "rows_kept": 1, "why": FLAGGED["geneval_train.tar"]}]
+    assert stats["caption_fallback"] == {"dalle3.synthetic_caption": {"read": 1, "kept": 1}}
+    assert stats["releases"] == {"blip3o_tars": {"missing": [], "other": []}}
+    dropped = {(r["source"], r["key"]): (r["reason"], r["detail"])
+               for r in pq.read_table(tmp_path / "out" / manifest.DROPPED_NAME).to_pylist()}
+    assert dropped == {
+        ("blip3o", "000002"): ("image_missing", "geneval_train.tar: sample 000002 has no image member (000002.jpg); members: 000002.txt"),
+        ("dalle3", "000000002"): ("caption_empty", None),
+        ("sharegpt4o", "image/1.png"): ("caption_too_long", "301 tokens"),
+        ("sharegpt4o", "image/2.png"): ("image_missing", "image/2.png: in no archive of text_to_image_part_*.tar"),
+    }
+    kept = {(r["source"], r["key"]): r["caption"] for r in _rows(tmp_path / "out")}
+    assert len(kept) == 11 + 2 + 2 and kept[("dalle3", "000000001")] == "a lighthouse at dusk"
+    assert "flagged: blip3o/geneval_train.tar (2 rows read, 1 kept)" in log
+    assert "caption fallback: 1 dalle3 rows with an empty caption took synthetic_caption (1 kept)" in log

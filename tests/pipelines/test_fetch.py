@@ -21,6 +21,8 @@ from pipelines import fetch, manifest, storage
 from pipelines.url_safety import AllowList, address_refusal
 from tests.conftest import ROOT, run_cli
 from tests.pipelines.conftest import ImageServer
+from tests.pipelines.sources.layouts import (encode, smooth_image, wds_members, write_cc12m_wds, write_llava_captions,
+                                             write_reference_metadata, write_tar)
 
 # --- the address policy, checked on the function: nothing is ever sent to these addresses ---------
 
@@ -69,28 +71,36 @@ def test_allow_list_names_and_cidrs():
 
 def test_input_layouts(tmp_path):
     cfg = fetch.FetchConfig()
-    # The published CC12M list: TSV, no header, url<TAB>caption, bare quotes in captions.
+    # The published CC12M list: TSV, no header, url<TAB>caption, bare quotes in captions; no training caption.
     (tmp_path / "cc12m.tsv").write_text('http://a/1.jpg\ta "quoted" <PERSON> caption\nhttp://a/2.jpg\tsecond\n')
-    table, url, alt, carry = fetch.read_url_list(str(tmp_path / "cc12m.tsv"), cfg)
-    assert (url, alt, carry, table.num_rows) == ("url", "caption", [], 2)
-    assert table.column("caption")[0].as_py() == 'a "quoted" <PERSON> caption'
-    # CaptionEmporium LLaVA-NeXT metadata: JSONL with LLaVA captions beside the url; carried verbatim.
-    rows = [{"url": f"http://a/{i}.jpg", "caption_llava": f"long {i}", "caption_llava_short": f"short {i}"} for i in range(3)]
-    (tmp_path / "llava.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table, url, alt, carry = fetch.read_url_list(str(tmp_path / "llava.jsonl"), cfg)
-    assert (url, alt, carry) == ("url", None, ["caption_llava", "caption_llava_short"])
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "llava.parquet")
-    assert fetch.read_url_list(str(tmp_path / "llava.parquet"), cfg)[3] == ["caption_llava", "caption_llava_short"]
+    lst = fetch.read_url_list(str(tmp_path / "cc12m.tsv"), cfg)
+    assert (lst.url_col, lst.alt_col, lst.caption_col, lst.carry, lst.table.num_rows) == ("url", "caption", None, [], 2)
+    assert lst.table.column("caption")[0].as_py() == 'a "quoted" <PERSON> caption'
+    # CaptionEmporium's LLaVA-NeXT file: caption_llava is the training caption, `caption` the alt text,
+    # only "success" lines are kept, caption_llava_short is carried.
+    rows = [{"url": f"http://a/{i}.jpg", "key": f"{i:09d}", "caption": f"alt {i}", "caption_llava": f"long {i}",
+             "caption_llava_short": f"short {i}", "status": "success" if i != 1 else "failed_to_download"} for i in range(3)]
+    llava = write_llava_captions(tmp_path / "train.jsonl.gz", rows)
+    lst = fetch.read_url_list(str(llava), cfg)
+    assert (lst.url_col, lst.alt_col, lst.caption_col, lst.carry) == ("url", "caption", "caption_llava", ["caption_llava_short"])
+    assert lst.table.column("url").to_pylist() == ["http://a/0.jpg", "http://a/2.jpg"]
+    assert lst.skipped == {"status_not_success": 1}
+    assert set(lst.table.column_names) == {"url", "caption", "caption_llava", "caption_llava_short", "status"}  # not `key`
+    # The reference's parquet of it: its `caption` is the LLaVA caption and there is no alt text.
+    ref = write_reference_metadata(tmp_path / "cc12m_llava.parquet", rows)
+    lst = fetch.read_url_list(str(ref), cfg)
+    assert (lst.alt_col, lst.caption_col, lst.carry) == (None, "caption", ["caption_llava_short"])
+    assert lst.table.column("caption").to_pylist() == ["long 0", "long 2"]
     # CSV with a header and quoting.
     (tmp_path / "list.csv").write_text('image_url,caption,other\nhttp://a/1.jpg,"a, b",x\n')
-    table, url, alt, carry = fetch.read_url_list(str(tmp_path / "list.csv"), cfg)
-    assert (url, alt, carry, table.column("caption")[0].as_py()) == ("image_url", "caption", [], "a, b")
+    lst = fetch.read_url_list(str(tmp_path / "list.csv"), cfg)
+    assert (lst.url_col, lst.alt_col, lst.carry, lst.table.column("caption")[0].as_py()) == ("image_url", "caption", [], "a, b")
     # Bad input names what and where.
     (tmp_path / "nourl.csv").write_text("link,caption\nhttp://a/1.jpg,x\n")
     with pytest.raises(ValueError, match="nourl.csv has no url column"):
         fetch.read_url_list(str(tmp_path / "nourl.csv"), cfg)
     with pytest.raises(ValueError, match="reserves"):
-        fetch.read_url_list(str(tmp_path / "llava.jsonl"), fetch.FetchConfig(carry=["url"]))
+        fetch.read_url_list(str(llava), fetch.FetchConfig(carry=["url"]))
     with pytest.raises(FileNotFoundError, match="missing.tsv"):
         fetch.read_url_list(str(tmp_path / "missing.tsv"), cfg)
 
@@ -217,7 +227,7 @@ def test_refuses_foreign_folder(ray_session, image_server, tmp_path):
         fetch.run(cfg)
 
 
-# --- --retry-failed ----------------------------------------------------------------------------
+# --- retry_failed ------------------------------------------------------------------------------
 
 
 def test_retry_failed_by_status_class(ray_session, canary, tmp_path):
@@ -340,3 +350,63 @@ def test_encoder_settings_are_checked_before_any_shard_runs(tmp_path):
         check_encoding(FetchConfig(encode_format="png", encode_quality=95))
     with pytest.raises(ValueError, match="encode_format 'gif'"):
         check_encoding(FetchConfig(encode_format="gif"))
+
+
+# --- the cc12m-wds mirror: imported into the same shards, no download -----------------------------
+
+
+def test_wds_import_keeps_the_mirror_and_counts_every_damaged_sample(ray_session, cc12m_mirror, tmp_path):
+    import shutil
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(cc12m_mirror["root"], mirror)
+    out = str(tmp_path / "ds")
+    cfg = fetch.FetchConfig(wds=str(mirror / "cc12m-train-{0000..0002}.tar"), out=out, max_in_flight=2)
+    result = fetch.run(cfg)
+
+    table = _read_dataset(out)
+    assert table.schema == fetch.shard_schema([])  # exactly a URL fetch's columns and types
+    samples, keys = cc12m_mirror["samples"], table.column("key").to_pylist()
+    assert keys == ["000000000", "000000001", "000000002", "000100000", "000100002",
+                    "000200000", "000200001", "000200002", "000200003", "000200004"]
+    got = {r["key"]: r for r in table.to_pylist()}
+    assert {k: (r["status"], r["status_class"]) for k, r in got.items() if r["status"] != "success"} == {
+        "000200001": ("failed", "image_missing"), "000200002": ("failed", "decode_error"),
+        "000200004": ("failed", "tar_error")}
+    for k in ("000000000", "000100002", "000200000"):  # the mirror's bytes, not a re-encode; its url, alt text, sizes
+        r = got[k]
+        assert r["image"] == samples[k]["image"] and r["sha256"] == hashlib.sha256(r["image"]).hexdigest()
+        assert (r["url"], r["alt_text"]) == (samples[k]["url"], samples[k]["caption"])
+        assert (r["width"], r["height"], r["original_width"], r["original_height"]) == (96, 64, 960, 640)
+    assert got["000200001"]["error"] == ("cc12m-train-0002.tar: sample 000200001 has no image member (000200001.jpg); "
+                                         "members: 000200001.json, 000200001.txt")
+    assert got["000200003"]["url"] is None and got["000200003"]["alt_text"] == samples["000200003"]["caption"]
+    assert got["000200003"]["error"].startswith("cc12m-train-0002.tar: 000200003.json unreadable")
+    broken = "cc12m-train-0002.tar: ReadError: unexpected end of data @ cc12m-train-0002.tar"
+    assert got["000200004"]["error"] == broken
+
+    m = manifest.read(out)
+    assert [(e.path, e.sha256) for e in m.inputs] == [
+        (str(mirror / f"cc12m-train-000{i}.tar"), hashlib.sha256((mirror / f"cc12m-train-000{i}.tar").read_bytes()).hexdigest())
+        for i in range(3)]
+    assert m.stats["fetch"]["damaged_tars"] == [broken] and m.stats["fetch"]["success"] == 7
+    assert f"damaged tar (rows before the damage kept): {broken}" in fetch.stats_table(result)
+    assert manifest.verify(out) == []
+
+    # Resumable and byte-identical: a lost shard is imported again to the same bytes.
+    before = storage.read_bytes(storage.join(out, "manifest.json"))
+    storage.delete(storage.join(out, "shard-00001.parquet"))
+    storage.delete(storage.join(out, fetch.COMMIT_DIR, "shard-00001.json"))
+    again = fetch.run(cfg)
+    assert (again.shards_run, again.shards_skipped) == (1, 2)
+    assert storage.read_bytes(storage.join(out, "manifest.json")) == before
+    # The folder form names the same tars; the mirror's README.md and _info.json are not read.
+    folder = fetch.run(fetch.FetchConfig(wds=str(mirror), out=str(tmp_path / "ds2"), max_in_flight=2))
+    assert [s.sha256 for s in manifest.read(folder.manifest_uri.rsplit("/", 1)[0]).shards] == [s.sha256 for s in m.shards]
+
+    with pytest.raises(ValueError, match="nothing to retry"):
+        fetch.run(cfg, retry_failed=True)
+    with (mirror / "cc12m-train-0000.tar").open("ab") as f:  # the tar changed after its shard was committed
+        f.write(bytes(1024))
+    with pytest.raises(ValueError, match=r"cc12m-train-0000\.tar changed since shard-00000\.parquet was imported from it"):
+        fetch.run(cfg)

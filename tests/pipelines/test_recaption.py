@@ -9,13 +9,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from model.text_encoder import build_tiny_t5, count_tokens, load_tokenizer
 from pipelines import fetch, manifest, recaption, storage
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
+from tests.pipelines.sources.layouts import write_llava_captions
 
 WORDS = "a an the photo picture of red green blue cat dog car tree house sky person on in with and small large image describe this".split()
 CHAT_TEMPLATE = (
@@ -121,23 +123,94 @@ def test_recaption_generates_and_resumes(ray_session, models, fetched, tmp_path)
     assert recaption.run(cfg).shards_run == 0
 
 
-def test_recaption_from_jsonl(ray_session, models, fetched, tmp_path):
+def test_recaption_joins_published_captions_by_url(ray_session, models, fetched, image_server, tmp_path):
+    """CaptionEmporium's layout onto a URL fetch: its keys are positions of this fetch, so by url."""
     _, t5 = models
-    keys = _table(fetched).column("key").to_pylist()
-    lines = [{"key": keys[0], "caption_llava": "a red cat"}, {"key": keys[0], "caption_llava": "a later duplicate"},
-             {"key": keys[4], "caption_llava": "a blue car on the road"}, {"key": "999999", "caption_llava": "unmatched"}]
-    jsonl = tmp_path / "captions.jsonl"
-    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    b = image_server.base
+    line = lambda n, **kw: {"caption_llava": f"llava {n}", "caption_llava_short": f"short {n}", "caption": f"alt {n}",  # noqa: E731
+                            "url": f"{b}/img/{n}.jpg", "key": f"{n:06d}", "status": "success", **kw}
+    lines = [line(0, caption_llava="a red cat"), line(0, caption_llava="a later duplicate"),
+             line(1, status="failed_to_download", caption_llava=""), {k: v for k, v in line(9).items() if k != "url"},
+             line(3, caption_llava="a blue car on the road")]
+    jsonl = write_llava_captions(tmp_path / "train.jsonl.gz", lines)
     out = str(tmp_path / "joined")
-    cfg = recaption.RecaptionConfig(data=fetched, out=out, from_jsonl=str(jsonl), jsonl_caption_col="caption_llava",
-                                    t5_tokenizer=str(t5))
-    recaption.run(cfg)
+    cfg = recaption.RecaptionConfig(data=fetched, out=out, from_jsonl=str(jsonl), t5_tokenizer=str(t5), join_rows_per_pass=3)
+    result = recaption.run(cfg)
     table = _table(out)
     assert table.column("caption").to_pylist() == ["a red cat", None, None, None, "a blue car on the road", None]
     assert table.column("caption_t5_tokens").to_pylist()[0] == len("a red cat") + 1  # ByT5: bytes + EOS
+    # Rows with an image but no caption are skipped by training instead of learning an empty caption.
+    assert list(zip(table.column("status").to_pylist(), table.column("status_class").to_pylist())) == [
+        ("success", "ok"), ("failed", "no_caption"), ("failed", "no_caption"), ("failed", "http_404"),
+        ("success", "ok"), ("failed", "no_caption")]
     assert table.column("captioner")[0].as_py() == f"jsonl:{jsonl}"
     assert table.column("caption_prompt_sha256")[0].as_py() is None
-    assert manifest.read(out).inputs[1].path == str(jsonl)  # the joined file is an input, with its hash
+    m = manifest.read(out)
+    assert m.inputs[1].path == str(jsonl)  # the joined file is an input, with its hash
+    assert m.stats["recaption"]["join"] == {
+        "on": "url", "caption_column": "caption_llava", "rows": 6, "joined": 2, "match_rate": 0.333333,
+        "url_conflicts": 0, "duplicate_keys": 1, "unmatched_skipped": 3, "lines": 5, "status_skipped": 1,
+        "no_key": 1, "no_key_lines": [4], "no_caption": 0, "no_caption_lines": []}
+    text = recaption.summary(result)
+    assert "joined by url: 2/6 rows (33.33%)" in text and "no url 1 (line 4)" in text
+
+    # The publisher's keys are not this fetch's: joining by key is refused, not silently wrong.
+    lines = [line(n, key=f"{n:06d}", url=f"https://elsewhere.example/{n}.jpg") for n in range(6)]
+    jsonl = write_llava_captions(tmp_path / "other.jsonl.gz", lines)
+    cfg = recaption.RecaptionConfig(data=fetched, out=str(tmp_path / "by-key"), from_jsonl=str(jsonl), join_on="key",
+                                    t5_tokenizer=str(t5))
+    with pytest.raises(ValueError, match=r"join_on=key matched 0 of 6 rows \(0\.0%, 3 more matched a key whose url differs\)"):
+        recaption.run(cfg)
+    assert not storage.exists(str(tmp_path / "by-key" / "shard-00000.parquet"))
+
+
+def test_mirror_joined_by_key_is_what_the_pretrain_config_reads(ray_session, models, cc12m_mirror, tmp_path):
+    """cc12m-wds -> fetch wds= -> LLaVA captions joined by the mirror's key -> the b16_pretrain data
+    config, unchanged but for its dataset path, reads the LLaVA caption of every usable row."""
+    from jobs.train.config import TrainConfig
+    from jobs.train.data import ReadRows, build_index
+    from pipelines import config as config_lib
+
+    _, t5 = models
+    data, out = str(tmp_path / "cc12m"), str(tmp_path / "cc12m-llava")
+    fetch.run(fetch.FetchConfig(wds=str(cc12m_mirror["root"]), out=data, max_in_flight=2))
+    result = recaption.run(recaption.RecaptionConfig(data=data, out=out, from_jsonl=str(cc12m_mirror["captions"]),
+                                                     join_on="key", t5_tokenizer=str(t5)))
+    assert "joined by key: 10/10 rows (100.00%)" in recaption.summary(result)
+
+    cfg = config_lib.load(TrainConfig, ROOT / "jobs" / "configs" / "b16_pretrain.yaml", [f"data.datasets=[{out}]"])
+    index = build_index(cfg.data)
+    rows = ReadRows(index, cfg.data)({"data": np.arange(index.num_rows)})
+    usable = ["000000000", "000000001", "000000002", "000100000", "000100002", "000200000", "000200003"]
+    assert rows["key"].tolist() == usable
+    assert rows["caption"].tolist() == [f"LLaVA caption of {k}" for k in usable]
+
+
+def test_s3_wds_import_and_join(ray_session, models, cc12m_mirror, s3_server, tmp_path):
+    """The mirror's tars on S3 -> `minit2i fetch wds=...` (the command, joining the test's Ray cluster
+    as a job on a cluster would) -> S3 -> the LLaVA captions joined by key -> S3."""
+    import boto3
+
+    _, t5 = models
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for tar in sorted(cc12m_mirror["root"].glob("cc12m-train-*.tar")):
+        s3.upload_file(str(tar), "test-bucket", f"cc12m-wds/{tar.name}")
+    from pipelines.sources import cc12m_wds
+
+    tars = [f"s3://test-bucket/cc12m-wds/cc12m-train-000{i}.tar" for i in range(3)]
+    assert [t.uri for t in cc12m_wds.list_tars("s3://test-bucket/cc12m-wds")] == tars  # the prefix form
+    env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    data, out = "s3://test-bucket/cc12m-mirror", "s3://test-bucket/cc12m-mirror-llava"
+    proc = run_cli("fetch", "wds=s3://test-bucket/cc12m-wds/cc12m-train-{0000..0002}.tar", f"out={data}",
+                   "max_in_flight=2", env=env, timeout=300)
+    assert "fetch: 7/10 images" in proc.stdout and f"manifest: {data}/manifest.json" in proc.stdout
+    assert [e.path for e in manifest.read(data).inputs] == tars
+    result = recaption.run(recaption.RecaptionConfig(data=data, out=out, from_jsonl=str(cc12m_mirror["captions"]),
+                                                     join_on="key", t5_tokenizer=str(t5)))
+    assert "joined by key: 10/10 rows (100.00%)" in recaption.summary(result)
+    table = _table(out)
+    assert table.column("caption").to_pylist() == [f"LLaVA caption of {k}" for k in table.column("key").to_pylist()]
+    assert manifest.verify(out) == [] and manifest.verify(data) == []
 
 
 def test_recaption_refuses_incomplete_dataset(ray_session, tmp_path):
@@ -184,9 +257,10 @@ def test_s3_fetch_recaption_manifest_roundtrip(s3_server, image_server, models, 
     shards = {"cc12m/shard-00000.parquet", "cc12m/shard-00001.parquet"}
     assert any(snap & shards and "cc12m/manifest.json" not in snap for snap in snapshots)  # seen mid-run
     assert all(shards <= snap for snap in snapshots if "cc12m/manifest.json" in snap)
-    fetched = _table(data)
-    assert fetched.column_names[:5] == ["key", "url", "alt_text", "caption_llava", "caption_llava_short"]
-    assert fetched.column("caption_llava").to_pylist() == [f"llava {i}" for i in range(4)]
+    fetched = _table(data)  # the LLaVA caption is the training caption; the other caption column rides along
+    assert fetched.column_names[:5] == ["key", "url", "alt_text", "caption", "caption_llava_short"]
+    assert fetched.column("caption").to_pylist() == [f"llava {i}" for i in range(4)]
+    assert fetched.column("alt_text").to_pylist() == [f"alt {i}" for i in range(4)]
     assert fetched.column("status").to_pylist() == ["success"] * 4
 
     proc = run_cli("recaption", data, out, f"model={llava}", f"t5_tokenizer={t5}",

@@ -74,20 +74,6 @@ def build_tiny_clip(path: Path, image_size: int = 32) -> Path:
     return path
 
 
-def build_tiny_detector(path: Path, labels=("circle", "square", "triangle"), image_size: int = 32) -> Path:
-    """A random YOLOS object detector (a plain ViT; no backbone weights needed)."""
-    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
-    import torch
-
-    torch.manual_seed(0)
-    cfg = YolosConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                      image_size=[image_size, image_size], patch_size=8, num_detection_tokens=5,
-                      id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    YolosForObjectDetection(cfg).save_pretrained(path)
-    YolosImageProcessor(size={"shortest_edge": image_size, "longest_edge": image_size}).save_pretrained(path)
-    return path
-
-
 def build_tiny_vqa(path: Path, image_size: int = 32) -> Path:
     """A random ViLT VQA classifier answering yes/no, with a small WordPiece vocabulary."""
     from transformers import BertTokenizer, ViltConfig, ViltForQuestionAnswering, ViltImageProcessor
@@ -107,22 +93,6 @@ def build_tiny_vqa(path: Path, image_size: int = 32) -> Path:
     return path
 
 
-DPG_HEADER = "item_id,text,keywords,proposition_id,dependency,category_broad,category_detailed,tuple,question_natural_language\n"
-
-
-def write_dpg_csv(path: Path) -> Path:
-    rows = [
-        ("p1", "a red circle to the left of a blue square", "1", "0", "entity", "is there a red circle?"),
-        ("p1", "a red circle to the left of a blue square", "2", "0", "entity", "is there a blue square?"),
-        ("p1", "a red circle to the left of a blue square", "3", "1,2", "relation", "is the red circle left of the blue square?"),
-        ("p2", "two yellow triangles", "1", "0", "entity", "is there a yellow triangle?"),
-        ("p2", "two yellow triangles", "2", "1", "count", "are there two yellow triangles?"),
-    ]
-    lines = [DPG_HEADER] + [f'{i},"{t}",k,{pid},"{dep}",{cat},{cat}/x,t,"{q}"\n' for i, t, pid, dep, cat, q in rows]
-    path.write_text("".join(lines))
-    return path
-
-
 def make_checkpoint(root: Path, depth: int = 1, weights=("ema_0.999", "model")) -> Path:
     """A tiny debug MM-JiT (32 px, patch 4) + tiny T5 weights folder with an EMA and a raw file."""
     import torch
@@ -136,7 +106,7 @@ def make_checkpoint(root: Path, depth: int = 1, weights=("ema_0.999", "model")) 
     cfg = preset("debug", text_dim=32, text_length=16, depth=depth, width=64, num_heads=2, head_dim=32, bottleneck=16)
     torch.manual_seed(0)
     net = MMJiT(cfg)
-    torch.nn.init.normal_(net.final.weight, std=0.05)
+    torch.nn.init.normal_(net.final_layer.linear.weight, std=0.05)
     for i, name in enumerate(weights):
         state = {k: v + 0.01 * i for k, v in net.state_dict().items()}
         save_weights(root / "ckpt", state, cfg, TextEncoderConfig(str(t5), 16), DenoiserConfig(noise_scale=1.0), name=name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.sources import blip3o, read_unit
-from tests.pipelines.sources.layouts import encode, smooth_image, wds_members, write_tar
+from tests.pipelines.sources.layouts import BLIP3O_TARS, encode, smooth_image, wds_members, write_tar
 
 
 def test_reads_named_and_foldered_tars_with_origin(tmp_path):
@@ -53,3 +53,23 @@ def test_missing_path_and_not_a_tar_are_clear_errors(tmp_path):
     (unit,) = blip3o.units(blip3o.Blip3oConfig(paths=[str(bad)]))
     with pytest.raises(ValueError, match=r"bad\.tar: not a readable tar"):
         blip3o.probe(unit)
+
+
+def test_the_eleven_release_tars_and_a_sample_without_its_image(tmp_path):
+    png = encode(smooth_image(3))
+    root = tmp_path / "BLIP3o-60k"
+    for name in BLIP3O_TARS:
+        write_tar(root / name, wds_members([(f"{name[:-4]}_0", {"jpg": png, "txt": f"a prompt from {name}"})]))
+    write_tar(root / "geneval_train.tar", wds_members([
+        ("000001", {"jpg": png, "txt": "a photo of a bench"}),
+        ("000002", {"txt": "a photo of two cats"}),                      # the image member is missing
+    ]))
+    (root / "README.md").write_text("# BLIP3o-60k\n")
+    units = blip3o.units(blip3o.Blip3oConfig(paths=[str(root)]))
+    assert sorted(u.origin for u in units) == sorted(BLIP3O_TARS) == sorted(blip3o.RELEASE_TARS)
+    assert blip3o.release_report(units) == {"missing": [], "other": []}
+    assert blip3o.release_report(units[:-2]) == {"missing": ["text_1.tar", "text_2.tar"], "other": []}
+    rows = list(read_unit(next(u for u in units if u.origin == "geneval_train.tar")))
+    assert rows[1]["image"] is None and rows[1]["caption"] == "a photo of two cats"
+    assert rows[1]["note"] == "geneval_train.tar: sample 000002 has no image member (000002.jpg); members: 000002.txt"
+    assert "geneval_train.tar" in blip3o.FLAGGED

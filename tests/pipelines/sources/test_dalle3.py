@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.sources import dalle3, read_unit
-from tests.pipelines.sources.layouts import encode, smooth_image, write_parquet
+from tests.pipelines.sources.layouts import encode, smooth_image, write_dalle3_release, write_parquet
 
 
 def _rows(path):
@@ -51,3 +51,19 @@ def test_unknown_layout_names_file_and_missing_column(tmp_path):
     (unit,) = dalle3.units(dalle3.Dalle3Config(paths=[str(path)]))
     with pytest.raises(ValueError, match=r"strimg\.parquet: image column 'image' has type string"):
         dalle3.probe(unit)
+
+
+def test_release_layout_falls_back_to_synthetic_caption_per_row(tmp_path):
+    a, b, c = (encode(smooth_image(i), "PNG") for i in range(3))
+    root = write_dalle3_release(tmp_path / "dalle-3-dataset", [
+        {"image": a, "caption": "a red fox in snow", "synthetic_caption": "a fox"},
+        {"image": b, "caption": "", "synthetic_caption": "a lighthouse at dusk, oil painting"},
+        {"image": c, "caption": "   ", "synthetic_caption": None},
+    ])
+    (unit,) = dalle3.units(dalle3.Dalle3Config(paths=[str(root)]))  # the README beside data/ is not read
+    assert unit.origin == "data/train-00000-of-00063-6ccf42e2874ccd92.parquet"
+    dalle3.probe(unit)
+    rows = list(read_unit(unit))
+    assert [(r["caption"], r["caption_from"]) for r in rows] == [
+        ("a red fox in snow", None), ("a lighthouse at dusk, oil painting", "synthetic_caption"), ("   ", None)]
+    assert [r["image"] for r in rows] == [a, b, c]
