@@ -34,7 +34,9 @@ def bad_input_cases(tmp):
         "fetch": [([missing / "u.tsv", tmp / "o", "threds=2"], "unknown key 'threds'; did you mean 'threads'?"),
                   ([missing / "u.tsv", tmp / "o", "threads=many"], "threads must be an integer, got 'many'"),
                   ([missing / "u.tsv", tmp / "o"], f"URL list {missing}/u.tsv does not exist"),
-                  ([missing / "u.tsv", tmp / "o", "extra"], "takes URLS OUT (3 given")],
+                  ([missing / "u.tsv", tmp / "o", "extra"], "takes URLS OUT (3 given"),
+                  ([f"wds={missing}/t-{{0..1}}.tar", f"out={tmp / 'o'}"], "wds: 2 of the 2 tars"),
+                  ([f"out={tmp / 'o'}"], "fetch needs an output folder and one input")],
         "recaption": [([missing, tmp / "o", "modle=x"], "unknown key 'modle'; did you mean 'model'?"),
                       ([missing, tmp / "o", "batch_size=[1]"], "batch_size must be an integer, got [1]"),
                       ([missing, tmp / "o"], f"no manifest.json in {missing}")],
@@ -57,7 +59,7 @@ def bad_input_cases(tmp):
         "generate": [(["promts=p.txt"], "unknown key 'promts'; did you mean 'prompts'?"),
                      (["seeds=[a]"], "seeds[0] must be an integer, got 'a'"),
                      ([f"prompts={missing / 'p.txt'}"], f"prompt file {missing}/p.txt does not exist")],
-        "eval": [(["metrics.clip=x"], "unknown key 'clip' in metrics; valid keys: clip_model, device"),
+        "eval": [(["metrics.clip=x"], "unknown key 'clip' in metrics; valid keys: clip_model, coco_captions"),
                  (["metrics=3"], "metrics must be a section with keys world, patch_size"),
                  ([f"images={missing}"], f"no manifest.json in {missing}")],
         "tune": [(["sampling", "objectiv.metric=fid"], "unknown key 'objectiv'; did you mean 'objective'?"),
@@ -78,7 +80,13 @@ def bad_input_cases(tmp):
                   ([f"data.datasets=[{missing}]"], f"training dataset {missing} does not exist"),
                   (["--config", missing / "run.yaml"], f"--config {missing}/run.yaml does not exist"),
                   (["--frob"], "unknown option --frob: settings are key=value")],
-        "bench": [(["nosuch"], "unknown action 'nosuch': one of fetch, train, index, all"),
+        "weights": [(["import", missing, tmp / "w", "modle=b16"], "unknown key 'modle'; did you mean 'model'?"),
+                    (["import", missing, tmp / "w", "model=[1]"], "model must be a string or null, got [1]"),
+                    (["import", missing, tmp / "w"], f"{missing} does not exist"),
+                    (["export", missing, tmp / "e", "format=comfy"], "the only export format is diffusers"),
+                    (["export", missing, tmp / "e"], "has no model.json"),
+                    (["merge"], "unknown action 'merge': one of import, export")],
+        "bench": [(["nosuch"], "unknown action 'nosuch': one of fetch, train, index, join, weights, all"),
                   (["fetch", "rounds=2"], "takes no settings (key=value or --config)"),
                   (["all", "--", "--rounds", "2"], "bench all runs every benchmark with its defaults")],
     }
@@ -104,7 +112,7 @@ def test_unknown_command_and_help(cli, capsys):
     code, out, _ = cli("train", "--help")
     assert code == 0 and "default --config: jobs/configs/debug.yaml" in out and "  optim.lr = 0.0004   (a number)" in out
     code, out, _ = cli("fetch", "--help")
-    assert code == 0 and "usage: minit2i fetch URLS OUT [--config FILE] [key=value ...] [--address ADDR]" in out
+    assert code == 0 and "usage: minit2i fetch [URLS] [OUT] [--config FILE] [key=value ...] [--address ADDR]" in out
 
 
 def test_the_rule_positionals_options_and_passthrough():
