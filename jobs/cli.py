@@ -10,7 +10,7 @@
   `weights import|export|merge`) is one more entry in COMMANDS.
 - POSITIONAL arguments are shorthand for the config keys a person expects to give first, in a
   fixed order per command (`minit2i fetch URLS OUT` is `urls=URLS out=OUT`); a new input kind
-  is one more key (`minit2i fetch SHARDS OUT input_format=wds`).
+  is one more key (`minit2i fetch wds=TARS out=OUT`).
 - `--address ADDR` joins a Ray cluster (the same as RAY_ADDRESS; without either a Ray job starts
   a local instance, jobs/ray_init.py); for `submit` it is the dashboard to submit to.
 - `--` ends minit2i's arguments: what follows goes unchanged to the program the command runs
