@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/minit2i demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: install
 	$(BIN)/minit2i bench all
