@@ -32,6 +32,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # Every Ray socket of the tests stays on loopback: Ray replaces 127.0.0.1 with the machine's outward
 # address, so the session instance (and every job a test starts) is pinned to 127.0.0.3.
 os.environ.setdefault("MINIT2I_RAY_NODE_IP", "127.0.0.3")
+# The retry policy of the tests (pipelines/retry.py): a 20 s budget, so an outage of 14 s is survived
+# and one of 30 s is not, without minutes of waiting. Set before Ray starts: its workers inherit it.
+os.environ.setdefault("MINIT2I_RETRY", "budget=20,first_delay=0.2,max_delay=2")
 # The test machine has 2 cores; Ray is told it has 4 logical CPUs so Data tasks fit beside Train workers.
 RAY_NUM_CPUS = 4
 
@@ -65,17 +68,35 @@ def ray_session(s3_server):
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-speaking server (moto's server mode) on 127.0.0.1, with a bucket `test-bucket`.
-
-    Yields the endpoint URL; AWS_* variables point boto3 and pyarrow at it for the session.
-    """
+def s3_moto():
+    """A real S3-speaking server (moto's server mode) on 127.0.0.1; yields its own endpoint URL."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_faults(s3_moto):
+    """The fault-injecting proxy (tests/fault_proxy.py) every S3 client of the session talks through;
+    it passes requests straight on until a test switches a fault on (and `clear`s it after)."""
+    from tests.fault_proxy import FaultProxy
+
+    with FaultProxy(s3_moto) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_faults):
+    """A real S3 endpoint on 127.0.0.1 (moto behind the fault proxy), with a bucket `test-bucket`.
+
+    Yields the endpoint URL; AWS_* variables point boto3 and pyarrow at it for the session, and so
+    Ray workers too (the Ray session starts after this). `s3_moto` is the server without the proxy.
+    """
+    endpoint = s3_faults.url
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -90,7 +111,6 @@ def s3_server():
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="test-bucket")
     yield endpoint
-    server.stop()
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
