@@ -410,3 +410,98 @@ def test_wds_import_keeps_the_mirror_and_counts_every_damaged_sample(ray_session
         f.write(bytes(1024))
     with pytest.raises(ValueError, match=r"cc12m-train-0000\.tar changed since shard-00000\.parquet was imported from it"):
         fetch.run(cfg)
+
+
+# --- cloud faults: an S3 outage mid-run, dropped writes, a reader watching, an outage past the budget
+
+
+class _ManifestWatcher:
+    """Polls the bucket straight from the server (not through the faults) while a job runs; records
+    any moment a manifest was visible whose shards were missing or differed from it."""
+
+    def __init__(self, endpoint: str, prefix: str):
+        import threading
+
+        self.s3 = boto3_client(endpoint)
+        self.prefix, self.seen, self.bad = prefix, 0, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        for _ in range(20_000):                       # bounded; stopped by the test long before
+            if self.stop.wait(0.2):
+                return
+            try:
+                text = self.s3.get_object(Bucket="test-bucket", Key=f"{self.prefix}/manifest.json")["Body"].read()
+            except self.s3.exceptions.NoSuchKey:
+                continue
+            self.seen += 1
+            for s in manifest.Manifest.from_json(text.decode()).shards:
+                try:
+                    data = self.s3.get_object(Bucket="test-bucket", Key=f"{self.prefix}/{s.path}")["Body"].read()
+                except self.s3.exceptions.NoSuchKey:
+                    self.bad.append(f"{s.path} missing")
+                    continue
+                if hashlib.sha256(data).hexdigest() != s.sha256:
+                    self.bad.append(f"{s.path} differs")
+
+    def __enter__(self) -> "_ManifestWatcher":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def boto3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def test_fetch_to_s3_rides_out_an_outage_and_resumes_past_the_budget(ray_session, image_server, s3_server, s3_faults,
+                                                                       s3_moto, tmp_path, capfd, monkeypatch):
+    from jobs.cli import main
+    from pipelines.retry import EXIT_RESUMABLE
+
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("".join(f"{image_server.base}/img/{i}.jpg\tcaption {i}\n" for i in range(6)))
+    args = ["shard_size=2", "allow_hosts=[127.0.0.1]", "timeout=5", "max_in_flight=1", "threads=2"]
+    out = "s3://test-bucket/faults/fetch"
+    hits = sum(image_server.hits.values())
+    try:
+        # 14 s of SlowDown from shard 1's upload on (the session's budget is 20 s), a quarter of the
+        # writes cut after they landed; the fetch finishes, downloading each image once.
+        s3_faults.outage_on("shard-00001.parquet", 14)
+        s3_faults.drop_writes(0.25, seed=1)
+        with _ManifestWatcher(s3_moto, "faults/fetch") as watcher:
+            assert main(["fetch", str(urls), out, *args]) == 0
+        err = capfd.readouterr().err
+        assert s3_faults.counters.outage_answers >= 3 and s3_faults.counters.dropped_writes >= 1
+        assert f"fetch: PUT {out}/shard-00001.parquet" in err and "SlowDown: Please reduce your request rate." in err
+        assert sum(image_server.hits.values()) - hits == 6                # nothing downloaded twice
+        assert watcher.seen >= 1 and watcher.bad == []
+        assert manifest.verify(out) == [] and manifest.strays(out) == [] and storage.open_uploads(out) == []
+
+        # An outage from the manifest's upload on, longer than a 3 s budget: every shard is committed,
+        # so the job fails with the resumable code and the sentence; the same command then finishes.
+        s3_faults.clear()
+        again = "s3://test-bucket/faults/fetch-again"
+        monkeypatch.setenv("MINIT2I_RETRY", "budget=3,first_delay=0.2,max_delay=1")
+        s3_faults.outage_on("fetch-again/manifest.json", 8)
+        assert main(["fetch", str(urls), again, *args]) == EXIT_RESUMABLE
+        err = capfd.readouterr().err
+        assert f"minit2i fetch: failed, resumable: fetch: PUT {again}/manifest.json" in err
+        assert "run the same command again to resume (exit 75)" in err
+        deadline = time.monotonic() + 30
+        while s3_faults.in_outage and time.monotonic() < deadline:
+            time.sleep(0.2)
+        hits = sum(image_server.hits.values())
+        assert main(["fetch", str(urls), again, *args]) == 0
+        assert sum(image_server.hits.values()) == hits                    # the re-run downloads nothing
+        # `out` is not part of what a dataset is: both builds' manifests are byte-identical.
+        assert storage.read_bytes(f"{again}/manifest.json") == storage.read_bytes(f"{out}/manifest.json")
+        assert storage.open_uploads("s3://test-bucket/faults") == []
+    finally:
+        s3_faults.clear()
