@@ -702,15 +702,11 @@ def _plan_wds(config: FetchConfig) -> _Plan:
     return _Plan(shards, fingerprint, "imported from other tars or with other settings", import_tar, args, inputs, {}, check)
 
 
+@retry.in_stage("fetch")
 def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
     """Fetch (or resume fetching) `config.urls`, or import `config.wds`, into `config.out`; with
     `retry_failed`, also re-fetch the retryable failures of committed shards. Writes the manifest
     last. Ray must be initialised."""
-    with retry.using(stage="fetch"):
-        return _run(config, retry_failed)
-
-
-def _run(config: FetchConfig, retry_failed: bool) -> FetchResult:
     from tqdm import tqdm
 
     if not config.out or bool(config.urls) == bool(config.wds):

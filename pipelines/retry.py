@@ -118,6 +118,20 @@ class using:
         _policy, _stage = self._saved
 
 
+def in_stage(name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: the function's storage calls (in a driver or a Ray worker) name stage `name`."""
+
+    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> T:
+            with using(stage=name):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return wrap
+
+
 def carried(fn: Callable[..., T]) -> Callable[..., T]:
     """`fn` wrapped to run under the caller's policy and stage name, wherever it runs (a Ray task)."""
     state = (policy(), stage_name())
