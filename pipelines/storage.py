@@ -58,6 +58,23 @@ def sdk_attempts(policy: retry.RetryPolicy) -> int:
     return 10 + int(policy.budget / 10)
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with the AWS SDK retrying for the policy's budget. It keeps its retry
+    strategy when pickled into a Ray worker (Ray Train uploads checkpoints from the workers with the
+    filesystem the driver gave RunConfig); pyarrow 26 pickles S3FileSystem without it, back to 3 attempts."""
+
+    def __init__(self, attempts: int, **kwargs: Any):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
+        self.attempts, self.kwargs = attempts, kwargs
+
+    def __reduce__(self):
+        return (_rebuild_s3, (self.attempts, self.kwargs))
+
+
+def _rebuild_s3(attempts: int, kwargs: dict[str, Any]) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(attempts, **kwargs)
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     endpoint = _endpoint()
     kwargs: dict[str, Any] = {}
@@ -67,8 +84,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
     region = _region()
     if region:
         kwargs["region"] = region
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=sdk_attempts(retry.policy()))
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(sdk_attempts(retry.policy()), **kwargs)
 
 
 _clients: dict[tuple, Any] = {}

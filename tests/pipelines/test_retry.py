@@ -125,3 +125,21 @@ def test_full_disk_is_one_line_naming_the_path_and_bytes_and_changes_nothing(tmp
     assert len(lines) == 1 and f"no space to write {out / 'world.tsv'}: it needs " in lines[0], lines
     assert int(lines[0].split("it needs ")[1].split(" bytes")[0].replace(",", "")) > 8192
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before       # no temp file, nothing changed
+
+
+def test_the_filesystem_for_checkpoint_uploads_keeps_its_retries_in_a_worker_and_rides_out_an_outage(s3_server, s3_faults):
+    """Ray Train uploads checkpoints (and Tune its experiment state) from workers with the pyarrow
+    filesystem the driver built; pickled into a worker, it keeps the budget's SDK attempts."""
+    import pickle
+
+    fs = pickle.loads(pickle.dumps(storage.s3_filesystem()))
+    assert isinstance(fs, storage.RetryingS3FileSystem) and fs.attempts == storage.sdk_attempts(retry.policy()) == 12
+    s3_faults.outage(5)
+    try:
+        with fs.open_output_stream("test-bucket/retry/ckpt/model.safetensors") as f:   # a multipart upload
+            f.write(b"w" * 100_000)
+    finally:
+        s3_faults.clear()
+    assert s3_faults.counters.outage_answers >= 1
+    assert storage.read_bytes("s3://test-bucket/retry/ckpt/model.safetensors") == b"w" * 100_000
+    assert storage.open_uploads("s3://test-bucket/retry/ckpt") == []
