@@ -118,6 +118,34 @@ def s3_server(s3_faults):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="session")
+def two_nodes():
+    """A 2-node Ray cluster on loopback (cluster/local.py: head + one worker node, 1 CPU each, token
+    auth on) shared by the node-loss tests; `kill_worker_node()` SIGKILLs the worker node's raylet,
+    as a preempted spot instance vanishes. Started once: cluster start-ups are the slow part."""
+    from cluster.local import LocalCluster
+
+    with LocalCluster(num_workers=1, cpus_per_node=1, object_store_memory=150 << 20) as cluster:
+        yield cluster
+
+
+def kill_worker_node(cluster) -> int:
+    """SIGKILL the raylet of `cluster`'s worker node; returns its pid."""
+    import signal
+
+    import psutil
+
+    marker = cluster.state.root.rstrip("/") + "/worker1/"
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if "raylet" in (proc.info["name"] or "") and any(marker in a for a in proc.info["cmdline"] or ()):
+                os.kill(proc.pid, signal.SIGKILL)
+                return proc.pid
+        except (psutil.Error, OSError):
+            continue
+    raise AssertionError(f"no raylet of the worker node under {marker}")
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run `minit2i ARGS...` as a real subprocess of this checkout and capture its output."""
     proc = subprocess.run(

@@ -278,7 +278,12 @@ def _always_fails(name: str) -> dict:
     raise OSError(f"disk full writing {name}")
 
 
-def test_shard_tasks_are_resubmitted(ray_session, tmp_path):
+def _built_but_not_stored(out: str, name: str) -> dict:
+    marker = {"shard": name, "rows": 0, "sha256": hashlib.sha256(b"built").hexdigest(), "bytes": 5}
+    raise fetch.ShardNotStored(f"fetch: PUT {out}/{name} still failing", (out, name, b"built", marker, {"fetched_ok": 0}))
+
+
+def test_shard_tasks_are_resubmitted(ray_session, tmp_path, capfd):
     from ray import cloudpickle
     from tqdm import tqdm
 
@@ -292,6 +297,15 @@ def test_shard_tasks_are_resubmitted(ray_session, tmp_path):
     with tqdm(disable=True) as bar:
         done, failed = fetch.run_shard_tasks(cfg, [(shards[0], (shards[0].name,))], _always_fails, bar)
     assert done == [] and len(failed) == 1 and "disk full writing shard-00000.parquet" in failed[0]
+    assert "storage: shard-00000.parquet attempt 1 failed (OSError: disk full writing shard-00000.parquet); resubmitting in" \
+        in capfd.readouterr().err                                      # the task's own error, not RayTaskError
+    # A shard built but not stored within the budget: the next attempt uploads its bytes, downloads nothing.
+    with tqdm(disable=True) as bar:
+        done, failed = fetch.run_shard_tasks(cfg, [(shards[0], (str(tmp_path / "up"), shards[0].name))], _built_but_not_stored, bar)
+    assert failed == [] and done[0]["shard"] == shards[0].name and done[0]["fetched_ok"] == 0
+    assert (tmp_path / "up" / shards[0].name).read_bytes() == b"built"
+    assert json.loads((tmp_path / "up" / fetch.COMMIT_DIR / "shard-00000.json").read_text())["bytes"] == 5
+    assert "uploading its built bytes in" in capfd.readouterr().err
 
 
 # --- kill -9 mid-run, then resume: same shards as an uninterrupted run --------------------------
@@ -505,3 +519,49 @@ def test_fetch_to_s3_rides_out_an_outage_and_resumes_past_the_budget(ray_session
         assert storage.open_uploads("s3://test-bucket/faults") == []
     finally:
         s3_faults.clear()
+
+
+# --- preemption: the node running a shard task vanishes mid-shard ---------------------------------
+
+
+def test_fetch_survives_losing_a_node_mid_run(two_nodes, image_server, tmp_path):
+    """A fetch on a 2-node cluster whose worker node's raylet is killed while its shard downloads:
+    the shard is resubmitted (after backoff) to the surviving node, every row lands once, and no shard
+    committed before the loss is fetched again."""
+    from tests.conftest import kill_worker_node
+
+    b = image_server.base
+    lines = [f"{b}/slow/{i}.jpg?s=1.5" for i in range(100, 108)]           # 4 shards of 2 slow images
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("".join(f"{u}\tcaption {i}\n" for i, u in enumerate(lines)))
+    out = tmp_path / "ds"
+    paths = [u[len(b):].split("?")[0] for u in lines]
+    before = {p: image_server.hits[p] for p in paths}
+    command = [sys.executable, "-m", "jobs.cli", "fetch", str(urls), str(out), "shard_size=2", "allow_hosts=[127.0.0.1]",
+               "timeout=10", "threads=1", "max_in_flight=2", "--address", two_nodes.address]
+    proc = subprocess.Popen(command, cwd=ROOT, env={**two_nodes.env(), "RAY_ADDRESS": ""}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        markers = out / fetch.COMMIT_DIR
+        while not (markers.exists() and any(markers.iterdir())):            # the first shard committed
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no shard committed within 240 s"
+            time.sleep(0.1)
+        committed = {p.stem for p in markers.iterdir()}
+        kill_worker_node(two_nodes)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resubmitting in" in stderr, stderr[-3000:]                       # the lost shard went round again
+    table = _read_dataset(str(out))
+    assert table.column("status").to_pylist() == ["success"] * 8                 # nothing lost
+    assert manifest.verify(str(out)) == []
+    hits = {p: image_server.hits[p] - before[p] for p in paths}
+    assert all(n >= 1 for n in hits.values())
+    for shard in committed:                                                      # nothing committed redone
+        i = int(shard.split("-")[1])
+        assert [hits[p] for p in paths[2 * i:2 * i + 2]] == [1, 1], (shard, hits)
