@@ -48,7 +48,7 @@ import posixpath
 import sys
 import time
 import warnings
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from threading import Semaphore
