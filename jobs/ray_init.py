@@ -13,6 +13,7 @@ the job's runtime_env.
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -24,7 +25,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
 
     if ray.is_initialized():
         return ray
-    carried = runtime_env_vars()                 # the retry policy and stage name reach every worker
+    # The retry policy and stage name reach every worker; a submitted job whose own runtime_env sets
+    # them already has them there (and Ray refuses a driver's env var that conflicts with the job's).
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    already = ((submitted.get("runtime_env") or {}).get("env_vars") or {})
+    carried = {k: v for k, v in runtime_env_vars().items() if k not in already}
     if carried:
         env = kwargs.setdefault("runtime_env", {})
         env["env_vars"] = {**carried, **env.get("env_vars", {})}
