@@ -119,23 +119,33 @@ def s3_server(s3_faults):
 
 
 @pytest.fixture(scope="session")
-def two_nodes():
-    """A 2-node Ray cluster on loopback (cluster/local.py: head + one worker node, 1 CPU each, token
-    auth on) shared by the node-loss tests; `kill_worker_node()` SIGKILLs the worker node's raylet,
-    as a preempted spot instance vanishes. Started once: cluster start-ups are the slow part."""
+def node_loss_cluster():
+    """A Ray cluster on loopback (cluster/local.py: head + one worker node, 1 CPU each, token auth
+    on) shared by the node-loss tests. Started once: cluster start-ups are the slow part."""
     from cluster.local import LocalCluster
 
     with LocalCluster(num_workers=1, cpus_per_node=1, object_store_memory=150 << 20) as cluster:
         yield cluster
 
 
+@pytest.fixture()
+def two_nodes(node_loss_cluster):
+    """The shared cluster with two live nodes: a worker node lost by an earlier test is replaced.
+    `kill_worker_node()` SIGKILLs the worker node's raylet, as a preempted spot instance vanishes."""
+    from cluster.local import alive_nodes
+
+    if len(alive_nodes(node_loss_cluster.dashboard_url, node_loss_cluster.token)) < 2:
+        node_loss_cluster.add_worker()
+    return node_loss_cluster
+
+
 def kill_worker_node(cluster) -> int:
-    """SIGKILL the raylet of `cluster`'s worker node; returns its pid."""
+    """SIGKILL the raylet of `cluster`'s newest worker node; returns its pid."""
     import signal
 
     import psutil
 
-    marker = cluster.state.root.rstrip("/") + "/worker1/"
+    marker = cluster.state.root.rstrip("/") + f"/worker{cluster.state.num_workers}/"
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:
             if "raylet" in (proc.info["name"] or "") and any(marker in a for a in proc.info["cmdline"] or ()):
