@@ -124,7 +124,9 @@ def node_loss_cluster():
     on) shared by the node-loss tests. Started once: cluster start-ups are the slow part."""
     from cluster.local import LocalCluster
 
-    with LocalCluster(num_workers=1, cpus_per_node=1, object_store_memory=150 << 20) as cluster:
+    # On the session's own loopback address: other Ray instances on the host keep to theirs.
+    with LocalCluster(num_workers=1, cpus_per_node=1, object_store_memory=150 << 20,
+                      host=os.environ["MINIT2I_RAY_NODE_IP"]) as cluster:
         yield cluster
 
 
