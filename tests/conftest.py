@@ -158,6 +158,30 @@ def kill_worker_node(cluster) -> int:
     raise AssertionError(f"no raylet of the worker node under {marker}")
 
 
+def kill_node_mid_run(cluster, args: list[str], folder: Path, timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict[str, int]]:
+    """Run `minit2i ARGS... --address CLUSTER`; once a file appears in `folder` (a commit marker),
+    kill the worker node and let the command finish. Returns its outcome and the files seen then
+    (name -> mtime in ns, to tell later whether one was written again)."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "--address", cluster.address], cwd=ROOT,
+                            env={**cluster.env(), "RAY_ADDRESS": ""}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (folder.exists() and any(folder.iterdir())):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"nothing in {folder} within {timeout:.0f}s"
+            time.sleep(0.1)
+        seen = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+        kill_worker_node(cluster)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), seen
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run `minit2i ARGS...` as a real subprocess of this checkout and capture its output."""
     proc = subprocess.run(

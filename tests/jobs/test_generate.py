@@ -100,40 +100,18 @@ def test_generate_survives_losing_a_node_mid_run(two_nodes, tmp_path, ckpt):
     """`minit2i generate` on a 2-node cluster, one sampler actor a node; the worker node's raylet is
     killed once a shard is done. Ray Data restarts the lost actor and reruns its shard: every image
     lands, and the shards done before the loss are not written again."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import ROOT, kill_worker_node
+    from tests.conftest import kill_node_mid_run
 
     prompts = write_prompts(tmp_path / "p.txt", CAPTIONS)
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "jobs.cli", "generate", f"prompts={prompts}", f"out={out}", f"checkpoint={ckpt}",
-               "seeds=[0, 1]", "shard_size=1", "batch_size=1", "concurrency=2", "sampler.sampler=euler", "sampler.steps=2",
-               "sampler.cfg_scale=2.0", "--address", two_nodes.address]
-    proc = subprocess.Popen(command, cwd=ROOT, env={**two_nodes.env(), "RAY_ADDRESS": ""}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        done = out / "_done"
-        while not (done.exists() and any(done.iterdir())):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no shard done within 240 s"
-            time.sleep(0.1)
-        before = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
-        kill_worker_node(two_nodes)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
-    assert len(before) < 10, "every shard was done before the kill; the test proved nothing"
-    assert "generate: 10 images" in stdout
+    out, done_dir = tmp_path / "out", tmp_path / "out" / "_done"
+    done, seen = kill_node_mid_run(two_nodes, [
+        "generate", f"prompts={prompts}", f"out={out}", f"checkpoint={ckpt}", "seeds=[0, 1]", "shard_size=1", "batch_size=1",
+        "concurrency=2", "sampler.sampler=euler", "sampler.steps=2", "sampler.cfg_scale=2.0"], done_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(seen) < 10, "every shard was done before the kill; the test proved nothing"
+    assert "generate: 10 images" in done.stdout
     assert manifest.verify(str(out)) == []
     rows = load_generated(str(out))
     assert [(r["index"], r["seed"]) for r in rows] == [(i, s) for i in range(5) for s in (0, 1)]   # nothing lost
-    assert {p: (done / p).stat().st_mtime_ns for p in before} == before                          # nothing redone
+    assert {name: (done_dir / name).stat().st_mtime_ns for name in seen} == seen                   # nothing redone
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
-    assert os.path.exists(out / "manifest.json")

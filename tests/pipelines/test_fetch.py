@@ -528,7 +528,7 @@ def test_fetch_survives_losing_a_node_mid_run(two_nodes, image_server, tmp_path)
     """A fetch on a 2-node cluster whose worker node's raylet is killed while its shard downloads:
     the shard is resubmitted (after backoff) to the surviving node, every row lands once, and no shard
     committed before the loss is fetched again."""
-    from tests.conftest import kill_worker_node
+    from tests.conftest import kill_node_mid_run
 
     b = image_server.base
     lines = [f"{b}/slow/{i}.jpg?s=1.5" for i in range(100, 108)]           # 4 shards of 2 slow images
@@ -537,25 +537,11 @@ def test_fetch_survives_losing_a_node_mid_run(two_nodes, image_server, tmp_path)
     out = tmp_path / "ds"
     paths = [u[len(b):].split("?")[0] for u in lines]
     before = {p: image_server.hits[p] for p in paths}
-    command = [sys.executable, "-m", "jobs.cli", "fetch", str(urls), str(out), "shard_size=2", "allow_hosts=[127.0.0.1]",
-               "timeout=10", "threads=1", "max_in_flight=2", "--address", two_nodes.address]
-    proc = subprocess.Popen(command, cwd=ROOT, env={**two_nodes.env(), "RAY_ADDRESS": ""}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        markers = out / fetch.COMMIT_DIR
-        while not (markers.exists() and any(markers.iterdir())):            # the first shard committed
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no shard committed within 240 s"
-            time.sleep(0.1)
-        committed = {p.stem for p in markers.iterdir()}
-        kill_worker_node(two_nodes)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    done, seen = kill_node_mid_run(two_nodes, ["fetch", str(urls), str(out), "shard_size=2", "allow_hosts=[127.0.0.1]",
+                                                "timeout=10", "threads=1", "max_in_flight=2"], out / fetch.COMMIT_DIR)
+    stderr = done.stderr
+    assert done.returncode == 0, stderr[-3000:]
+    committed = {name.rsplit(".", 1)[0] for name in seen}
     assert "resubmitting in" in stderr, stderr[-3000:]                       # the lost shard went round again
     table = _read_dataset(str(out))
     assert table.column("status").to_pylist() == ["success"] * 8                 # nothing lost
