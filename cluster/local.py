@@ -207,6 +207,18 @@ class LocalCluster:
             what = "timed out" if rc is None else f"exited {rc}"
             raise RuntimeError(f"`ray start` for node {name} {what} (log {log_path}):\n{tail}")
 
+    def add_worker(self) -> None:
+        """Start one more worker node (e.g. in place of a lost one) and wait until it is alive."""
+        state = self._started()
+        alive = len(alive_nodes(self.dashboard_url, self._token))
+        state.num_workers += 1
+        self._ray_start(f"worker{state.num_workers}", self.cpus_per_node, ["--address", state.address])
+        deadline = time.monotonic() + self.start_timeout
+        while len(alive_nodes(self.dashboard_url, self._token)) <= alive:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker{state.num_workers} not alive after {self.start_timeout:.0f}s")
+            time.sleep(0.5)
+
     def _wait_ready(self) -> None:
         """Until the dashboard answers with the token and every node is alive."""
         deadline = time.monotonic() + self.start_timeout

@@ -18,6 +18,9 @@
 - Bad input (an unknown key, a wrong type, a missing file, a wrong positional) is one line on
   stderr naming the key or path and what was expected, exit code 2 (MINIT2I_DEBUG=1 shows the
   traceback). `minit2i COMMAND --help` lists the command's keys with their defaults.
+- A job that failed but kept its committed work (storage still failing when the retry budget ran
+  out, shards that failed every attempt) exits 75 (EX_TEMPFAIL) with a line saying that running the
+  same command again resumes it. Success is 0.
 
 Modules are imported only when their command runs, so `minit2i --help` stays fast.
 """
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from jobs import repo_path
+from pipelines.retry import EXIT_RESUMABLE, RESUME_HINT, STAGE_ENV, Resumable
 
 
 @dataclass(frozen=True)
@@ -275,8 +279,16 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["RAY_ADDRESS"] = parsed.address        # jobs/ray_init.py joins it (and so do child processes)
             else:
                 raise UsageError("--address: this command does not run on Ray")
+        os.environ.setdefault(STAGE_ENV, name)                   # names the stage in retry lines, here and in workers
         run: Callable[..., Any] = _load(spec.run)
         return int((run(cfg, parsed.rest or []) if spec.passthrough else run(cfg)) or 0)
+    except Resumable as err:
+        # Committed work is kept (shards, checkpoints, markers): the same command picks up from it.
+        if os.environ.get("MINIT2I_DEBUG"):
+            raise
+        message = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
+        print(f"{where}: failed, resumable: {message}\n{where}: {RESUME_HINT} (exit {EXIT_RESUMABLE})", file=sys.stderr)
+        return EXIT_RESUMABLE
     except (ValueError, OSError) as err:
         # Bad input (a path, a config key, a preset name, a full disk) is reported as one line that
         # says what and where; MINIT2I_DEBUG=1 shows the traceback as well.

@@ -28,7 +28,7 @@ import numpy as np
 from pipelines import config as config_lib
 from model.denoiser import SamplerConfig
 from pipelines import manifest as manifest_lib
-from pipelines import storage
+from pipelines import retry, storage
 
 DONE_DIR = "_done"
 
@@ -182,6 +182,7 @@ class SampleShard:
         return {k: np.asarray(v) for k, v in summary.items()}
 
 
+@retry.in_stage("generate")
 def write_shard(out: str, k: int, indices: list[int], seeds: list[int], prompts: list[str], metadata: list[str],
                 images: np.ndarray, settings: str, fmt: str, digest: str) -> int:
     """Write shard k (Parquet, plus PNG files for fmt="png"), then its done-marker. Returns the row count."""
@@ -227,6 +228,7 @@ def settings_digest(cfg: GenerateConfig, prompts_digest: str) -> str:
     return hashlib.sha256(json.dumps({**d, "prompts_sha256": prompts_digest}, sort_keys=True).encode()).hexdigest()
 
 
+@retry.in_stage("generate")
 def generate_images(cfg: GenerateConfig) -> dict[str, Any]:
     """Run the job; returns stats (images, generated, skipped_shards, seconds, images_per_s)."""
     if cfg.checkpoint:               # a run folder means its newest checkpoint now, for every actor and the digest

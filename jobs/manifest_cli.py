@@ -85,9 +85,13 @@ def show(args: ShowConfig) -> int:
 def verify(args: DatasetConfig) -> int:
     m = manifest_lib.read(args.dataset)
     problems = manifest_lib.verify(args.dataset)
+    stray = manifest_lib.strays(args.dataset)
     for p in problems:
         print(f"MISMATCH {p}")
-    print(f"{args.dataset}: {len(m.shards)} shards, {len(problems)} problem(s)" + ("" if problems else ": OK"))
+    for p in stray:
+        print(f"STRAY {p}")
+    print(f"{args.dataset}: {len(m.shards)} shards, {len(problems)} problem(s)" + ("" if problems else ": OK")
+          + (f"; {len(stray)} stray object(s) (debris to delete; the shards are not affected)" if stray else ""))
     return 1 if problems else 0
 
 

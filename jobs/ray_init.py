@@ -7,11 +7,13 @@ starts) joins a running cluster, as `ray job submit` and KubeRay set it (RAY_ADD
 never some other cluster that happens to run on the host (a bare `ray.init()` would join it).
 MINIT2I_RAY_NODE_IP pins the local instance to one address (the tests keep every Ray socket on
 their own loopback address: Ray swaps 127.0.0.1 for the machine's outward address, other loopback
-addresses it keeps).
+addresses it keeps). The retry policy (MINIT2I_RETRY) and the stage name travel to the workers in
+the job's runtime_env.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -19,8 +21,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """ray.init for a job; a no-op when the caller already connected (tests, the demo)."""
     import ray
 
+    from pipelines.retry import runtime_env_vars
+
     if ray.is_initialized():
         return ray
+    # The retry policy and stage name reach every worker; a submitted job whose own runtime_env sets
+    # them already has them there (and Ray refuses a driver's env var that conflicts with the job's).
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    already = ((submitted.get("runtime_env") or {}).get("env_vars") or {})
+    carried = {k: v for k, v in runtime_env_vars().items() if k not in already}
+    if carried:
+        env = kwargs.setdefault("runtime_env", {})
+        env["env_vars"] = {**carried, **env.get("env_vars", {})}
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, configure_logging=False, **kwargs)

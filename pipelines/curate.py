@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import to_dict
 from pipelines import manifest as manifest_lib
-from pipelines import storage
+from pipelines import retry, storage
 from pipelines.contamination import ContaminationConfig, PromptIndex, load_prompts
 from pipelines.sources import ROW_SCHEMA, SOURCES, ReadUnit, read_unit
 from pipelines.sources import blip3o, dalle3, sharegpt4o
@@ -553,6 +553,7 @@ def write_units(batch: pa.Table, output: str) -> pa.Table:
         ("path", pa.string()), ("rows", pa.int64()), ("sha256", pa.string()), ("bytes", pa.int64())]))
 
 
+@retry.in_stage("curate")
 def _write_shard(output: str, index: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     data = parquet_bytes(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA))
     storage.write_bytes(storage.join(output, shard_name(index)), data)
@@ -600,6 +601,7 @@ def _digest(row: dict[str, Any]) -> dict[str, Any]:
     return {"uri": row["uri"], "sha256": digest, "bytes": size}
 
 
+@retry.in_stage("curate")
 def curate(cfg: CurateConfig, units: list[ReadUnit] | None = None, log=print) -> manifest_lib.Manifest:
     """Run the whole job on the current Ray cluster (the caller has called ray.init).
 

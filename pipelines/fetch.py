@@ -48,7 +48,7 @@ import posixpath
 import sys
 import time
 import warnings
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from threading import Semaphore
@@ -65,7 +65,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import manifest as manifest_lib
-from pipelines import storage
+from pipelines import retry, storage
 from pipelines.sources import captions as caption_files
 from pipelines.sources.captions import training_caption_column
 from pipelines.url_safety import RETRYABLE, AllowList, Response, SafetyPolicy, safe_get
@@ -437,22 +437,44 @@ def _encode(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+class ShardNotStored(retry.StorageUnavailable):
+    """A shard built but not stored within the retry budget; carries its bytes and marker so the
+    next attempt only uploads them (`store_built`) instead of downloading the shard again."""
+
+    def __init__(self, message: str, built: tuple[str, str, bytes, dict[str, Any], dict[str, Any]]):
+        super().__init__(message)
+        self.built = built
+
+    def __reduce__(self):                         # crosses Ray's process boundary with its payload
+        return (ShardNotStored, (str(self), self.built))
+
+
+def store_built(out: str, name: str, data: bytes, marker: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Write a built shard, then its commit marker; both atomic. Returns the marker plus this run's numbers."""
+    storage.write_bytes(storage.join(out, name), data)
+    storage.write_bytes(storage.join(out, COMMIT_DIR, name.rsplit(".", 1)[0] + ".json"),
+                        (json.dumps(marker, indent=1, sort_keys=True) + "\n").encode())
+    return {**marker, **extra}
+
+
 def commit_shard(out: str, shard: Shard, table: pa.Table, fingerprint: str, source: dict[str, Any],
                  downloaded: int = 0, fetched_ok: int | None = None) -> dict[str, Any]:
     """Write the shard, then its commit marker; both atomic. `source` says what the shard was made
     from (input rows, or a tar). Returns the marker plus this run's numbers (`fetched_ok`: images
     this run added, by default every successful row)."""
     data = _encode(table)
-    storage.write_bytes(storage.join(out, shard.name), data)
     marker = {
         "shard": shard.name, "rows": table.num_rows, **source,
         "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "fingerprint": fingerprint,
         "stats": shard_stats(table),
     }
-    storage.write_bytes(storage.join(out, shard.marker), (json.dumps(marker, indent=1, sort_keys=True) + "\n").encode())
     if fetched_ok is None:
         fetched_ok = sum(s == "success" for s in table.column("status").to_pylist())
-    return {**marker, "downloaded": downloaded, "fetched_ok": fetched_ok}
+    built = (out, shard.name, data, marker, {"downloaded": downloaded, "fetched_ok": fetched_ok})
+    try:
+        return store_built(*built)
+    except retry.StorageUnavailable as err:
+        raise ShardNotStored(str(err), built) from None
 
 
 def _table(schema: pa.Schema, columns: dict[str, Any]) -> pa.Table:
@@ -577,34 +599,58 @@ class FetchResult:
 
 
 def run_shard_tasks(config: FetchConfig, jobs: list[tuple[Shard, tuple]], fn, progress) -> tuple[list[dict], list[str]]:
-    """Run `fn(*args)` per shard as Ray tasks; resubmit crashed ones up to max_shard_attempts."""
+    """Run `fn(*args)` per shard as Ray tasks; resubmit failed ones up to max_shard_attempts, each
+    after the retry policy's backoff. A shard that was built but not stored is resubmitted as an
+    upload of its bytes. Tasks carry the driver's retry policy and stage name."""
     import ray
 
-    remote = ray.remote(fn).options(num_cpus=config.num_cpus, max_retries=0)
+    def remote(f):
+        return ray.remote(retry.carried(f)).options(num_cpus=config.num_cpus, max_retries=0)
+
+    build, upload = remote(fn), remote(store_built)
     limit = config.max_in_flight or max(1, int(2 * ray.cluster_resources().get("CPU", 1) / max(config.num_cpus, 0.01)))
-    pending = deque((shard, args, 1) for shard, args in jobs)
-    running: dict[Any, tuple[Shard, tuple, int]] = {}
+    pending = [(shard, build, args, 1, 0.0) for shard, args in jobs]   # (..., attempt, not before)
+    running: dict[Any, tuple[Shard, Any, tuple, int]] = {}
     done, failed = [], []
-    while pending or running:
-        while pending and len(running) < limit:
-            shard, args, attempt = pending.popleft()
-            running[remote.remote(*args)] = (shard, args, attempt)
-        ready, _ = ray.wait(list(running), num_returns=1)
+    while pending or running:                     # bounded: each shard has at most max_shard_attempts
+        now = time.monotonic()
+        for item in [p for p in pending if p[4] <= now][:max(0, limit - len(running))]:
+            pending.remove(item)
+            shard, task, args, attempt, _ = item
+            running[task.remote(*args)] = (shard, task, args, attempt)
+        soonest = min((p[4] for p in pending), default=None)
+        if not running:                           # every shard left is waiting out its backoff
+            time.sleep(max(0.0, soonest - now))
+            continue
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=None if soonest is None else max(0.05, soonest - now))
         for ref in ready:
-            shard, args, attempt = running.pop(ref)
+            shard, task, args, attempt = running.pop(ref)
             try:
                 marker = ray.get(ref)
             except (ray.exceptions.RayError, OSError) as err:
+                cause = getattr(err, "cause", None)
+                why = retry.describe(cause) if isinstance(cause, BaseException) else _last_line(err)
                 if attempt < config.max_shard_attempts:
-                    print(f"fetch: {shard.name} attempt {attempt} failed ({type(err).__name__}); retrying", file=sys.stderr)
-                    pending.append((shard, args, attempt + 1))
+                    delay = retry.resubmit_delay(attempt)
+                    if isinstance(cause, ShardNotStored):
+                        task, args = upload, cause.built
+                    print(f"{retry.stage_name()}: {shard.name} attempt {attempt} failed ({why}); "
+                          f"{'uploading its built bytes' if task is upload else 'resubmitting'} in {delay:.1f}s",
+                          file=sys.stderr, flush=True)
+                    pending.append((shard, task, args, attempt + 1, time.monotonic() + delay))
                 else:
-                    failed.append(f"{shard.name}: {str(err).splitlines()[-1] if str(err) else type(err).__name__}")
+                    failed.append(f"{shard.name}: {why}")
                 continue
             done.append(marker)
             progress.update(1)
             progress.set_postfix(images=sum(m.get("fetched_ok", 0) for m in done), refresh=False)
     return done, failed
+
+
+def _last_line(err: BaseException) -> str:
+    """A Ray error without a Python cause (a worker that died): its type and its last line."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[-1].strip()}" if lines else type(err).__name__
 
 
 @dataclass
@@ -656,6 +702,7 @@ def _plan_wds(config: FetchConfig) -> _Plan:
     return _Plan(shards, fingerprint, "imported from other tars or with other settings", import_tar, args, inputs, {}, check)
 
 
+@retry.in_stage("fetch")
 def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
     """Fetch (or resume fetching) `config.urls`, or import `config.wds`, into `config.out`; with
     `retry_failed`, also re-fetch the retryable failures of committed shards. Writes the manifest
@@ -697,10 +744,7 @@ def run(config: FetchConfig, retry_failed: bool = False) -> FetchResult:
     for marker in new:
         markers[marker["shard"]] = marker
     if failed:
-        raise RuntimeError(
-            f"{len(failed)} shard(s) failed after {config.max_shard_attempts} attempts: {'; '.join(failed[:5])}. "
-            f"Committed shards are kept; run the same command again to resume"
-        )
+        raise retry.Resumable(f"{len(failed)} shard(s) failed after {config.max_shard_attempts} attempts: {'; '.join(failed[:5])}")
 
     ordered = [markers[s.name] for s in shards]
     stats = {**aggregate(ordered), **plan.extra_stats}

@@ -126,6 +126,9 @@ def write(root: str, manifest: Manifest) -> str:
         manifest.code_version = code_version()
     uri = storage.join(root, MANIFEST_NAME)
     storage.write_bytes(uri, manifest.to_json().encode())
+    # Every write of the build is done: a multipart upload still open under the folder is debris
+    # (one another writer's dropped connection left) that S3 bills until a lifecycle rule removes it.
+    storage.abort_uploads(root)
     return uri
 
 
@@ -154,6 +157,20 @@ def verify(root: str) -> list[str]:
         elif digest != shard.sha256:
             problems.append(f"{shard.path}: sha256 {digest[:12]}…, manifest says {shard.sha256[:12]}…")
     return problems
+
+
+def strays(root: str) -> list[str]:
+    """Debris in a dataset folder: temp files of interrupted local writes, multipart uploads never
+    completed, and Parquet files the manifest does not list (shards of another build)."""
+    manifest = read(root)
+    listed = {s.path for s in manifest.shards}
+    out = [f"{storage.relpath(u, root)}: temporary file of an interrupted write" for u in storage.temp_files(root)]
+    out += [f"{storage.relpath(u, root)}: unfinished multipart upload {upload[:16]}…" for u, upload in storage.open_uploads(root)]
+    for uri in storage.list_files(root, suffix=".parquet", recursive=True):
+        rel = storage.relpath(uri, root)
+        if rel not in listed and rel != DROPPED_NAME:
+            out.append(f"{rel}: not in the manifest")
+    return out
 
 
 def diff(a: Manifest, b: Manifest) -> dict[str, Any]:

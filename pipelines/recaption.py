@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from pipelines import caption_join
 from pipelines import manifest as manifest_lib
-from pipelines import storage
+from pipelines import retry, storage
 from pipelines.caption_join import JoinedShard
 
 COMMIT_DIR = manifest_lib.COMMIT_DIR
@@ -184,6 +184,7 @@ def _with_captions(table: pa.Table, captions: list[str | None], tokens: list[int
     return table
 
 
+@retry.in_stage("recaption")
 def write_shard(config: RecaptionConfig, name: str, generated: dict[str, tuple[str | None, int | None]] | None,
                 joined: JoinedShard | None, fingerprint: str) -> dict[str, Any]:
     """Input shard + captions -> output shard, then its marker. Captions come either generated
@@ -343,6 +344,7 @@ def _join(config: RecaptionConfig, todo: list[str], rows: dict[str, int], finger
     return markers
 
 
+@retry.in_stage("recaption")
 def run(config: RecaptionConfig) -> manifest_lib.StageResult:
     """Recaption `config.data` into `config.out` (resuming committed shards). Ray must be initialised."""
     from tqdm import tqdm

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from model.text_encoder import TextEncoderConfig
 from pipelines import manifest as manifest_lib
-from pipelines import storage
+from pipelines import retry, storage
 
 COMMIT_DIR = manifest_lib.COMMIT_DIR
 FEATURES_COLUMN = "t5_features"          # float16 bytes of [t5_tokens, width]
@@ -96,6 +96,7 @@ class EncodeShards:
             counts += ns
         return blobs, counts
 
+    @retry.in_stage("encode-text")
     def write_shard(self, name: str) -> dict[str, Any]:
         cfg = self.config
         uri = storage.join(cfg.data, name)
@@ -134,6 +135,7 @@ class EncodeShards:
         return {"marker": np.array([json.dumps(self.write_shard(str(n))) for n in batch["shard"]], dtype=object)}
 
 
+@retry.in_stage("encode-text")
 def run(config: EncodeTextConfig) -> manifest_lib.StageResult:
     """Encode `config.data`'s captions into `config.out` (resuming committed shards). Ray must be up."""
     import ray

@@ -32,6 +32,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # Every Ray socket of the tests stays on loopback: Ray replaces 127.0.0.1 with the machine's outward
 # address, so the session instance (and every job a test starts) is pinned to 127.0.0.3.
 os.environ.setdefault("MINIT2I_RAY_NODE_IP", "127.0.0.3")
+# The retry policy of the tests (pipelines/retry.py): a 20 s budget, so an outage of 14 s is survived
+# and one of 30 s is not, without minutes of waiting. Set before Ray starts: its workers inherit it.
+os.environ.setdefault("MINIT2I_RETRY", "budget=20,first_delay=0.2,max_delay=2")
 # The test machine has 2 cores; Ray is told it has 4 logical CPUs so Data tasks fit beside Train workers.
 RAY_NUM_CPUS = 4
 
@@ -65,17 +68,35 @@ def ray_session(s3_server):
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-speaking server (moto's server mode) on 127.0.0.1, with a bucket `test-bucket`.
-
-    Yields the endpoint URL; AWS_* variables point boto3 and pyarrow at it for the session.
-    """
+def s3_moto():
+    """A real S3-speaking server (moto's server mode) on 127.0.0.1; yields its own endpoint URL."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_faults(s3_moto):
+    """The fault-injecting proxy (tests/fault_proxy.py) every S3 client of the session talks through;
+    it passes requests straight on until a test switches a fault on (and `clear`s it after)."""
+    from tests.fault_proxy import FaultProxy
+
+    with FaultProxy(s3_moto) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_faults):
+    """A real S3 endpoint on 127.0.0.1 (moto behind the fault proxy), with a bucket `test-bucket`.
+
+    Yields the endpoint URL; AWS_* variables point boto3 and pyarrow at it for the session, and so
+    Ray workers too (the Ray session starts after this). `s3_moto` is the server without the proxy.
+    """
+    endpoint = s3_faults.url
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -90,12 +111,75 @@ def s3_server():
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="test-bucket")
     yield endpoint
-    server.stop()
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def node_loss_cluster():
+    """A Ray cluster on loopback (cluster/local.py: head + one worker node, 1 CPU each, token auth
+    on) shared by the node-loss tests. Started once: cluster start-ups are the slow part."""
+    from cluster.local import LocalCluster
+
+    # On the session's own loopback address: other Ray instances on the host keep to theirs.
+    with LocalCluster(num_workers=1, cpus_per_node=1, object_store_memory=150 << 20,
+                      host=os.environ["MINIT2I_RAY_NODE_IP"]) as cluster:
+        yield cluster
+
+
+@pytest.fixture()
+def two_nodes(node_loss_cluster):
+    """The shared cluster with two live nodes: a worker node lost by an earlier test is replaced.
+    `kill_worker_node()` SIGKILLs the worker node's raylet, as a preempted spot instance vanishes."""
+    from cluster.local import alive_nodes
+
+    if len(alive_nodes(node_loss_cluster.dashboard_url, node_loss_cluster.token)) < 2:
+        node_loss_cluster.add_worker()
+    return node_loss_cluster
+
+
+def kill_worker_node(cluster) -> int:
+    """SIGKILL the raylet of `cluster`'s newest worker node; returns its pid."""
+    import signal
+
+    import psutil
+
+    marker = cluster.state.root.rstrip("/") + f"/worker{cluster.state.num_workers}/"
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if "raylet" in (proc.info["name"] or "") and any(marker in a for a in proc.info["cmdline"] or ()):
+                os.kill(proc.pid, signal.SIGKILL)
+                return proc.pid
+        except (psutil.Error, OSError):
+            continue
+    raise AssertionError(f"no raylet of the worker node under {marker}")
+
+
+def kill_node_mid_run(cluster, args: list[str], folder: Path, timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict[str, int]]:
+    """Run `minit2i ARGS... --address CLUSTER`; once a file appears in `folder` (a commit marker),
+    kill the worker node and let the command finish. Returns its outcome and the files seen then
+    (name -> mtime in ns, to tell later whether one was written again)."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "--address", cluster.address], cwd=ROOT,
+                            env={**cluster.env(), "RAY_ADDRESS": ""}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (folder.exists() and any(folder.iterdir())):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"nothing in {folder} within {timeout:.0f}s"
+            time.sleep(0.1)
+        seen = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+        kill_worker_node(cluster)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), seen
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

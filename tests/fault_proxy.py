@@ -41,6 +41,7 @@ class Faults:
     outage_status: int = 503         # 503 SlowDown or 500 InternalError
     drop_share: float = 0.0          # share of writes (PUT/POST) cut after the server applied them
     latency: float = 0.0             # seconds added before relaying each request
+    armed: tuple[str, str, float] | None = None   # (method, path substring, seconds): the outage such a request starts
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
 
@@ -49,6 +50,7 @@ class Counters:
     requests: int = 0
     outage_answers: int = 0
     dropped_writes: int = 0
+    outage_started: float = 0.0      # monotonic time an armed outage (`outage_on`) began
     methods: dict[str, int] = field(default_factory=dict)
 
 
@@ -79,6 +81,13 @@ class FaultProxy:
         """Answer every request with `status` (S3 error body) for the next `seconds`."""
         with self.lock:
             self.faults.outage_until = time.monotonic() + seconds
+            self.faults.outage_status = status
+
+    def outage_on(self, path_part: str, seconds: float, status: int = 503, method: str = "PUT") -> None:
+        """Start an outage of `seconds` at the first `method` request whose path contains `path_part`
+        (that request already gets `status`): an outage that lands at a chosen step of a job."""
+        with self.lock:
+            self.faults.armed = (method, path_part, seconds)
             self.faults.outage_status = status
 
     def drop_writes(self, share: float, seed: int = 0) -> None:
@@ -147,6 +156,9 @@ class _RelayHandler(BaseHTTPRequestHandler):
             proxy.counters.requests += 1
             proxy.counters.methods[self.command] = proxy.counters.methods.get(self.command, 0) + 1
             faults = proxy.faults
+            if faults.armed and faults.armed[0] == self.command and faults.armed[1] in self.path:
+                faults.outage_until, faults.armed = time.monotonic() + faults.armed[2], None
+                proxy.counters.outage_started = time.monotonic()
             outage = time.monotonic() < faults.outage_until
             drop = (self.command in ("PUT", "POST") and faults.drop_share > 0
                     and faults.rng.random() < faults.drop_share)

@@ -20,7 +20,7 @@ from jobs.train.checkpoints import STATE_NAME, check_resume, newest_checkpoint, 
 from jobs.train.config import TrainConfig
 from jobs.train.tracking import require_tracker, run_id
 from pipelines import config as config_lib
-from pipelines import storage
+from pipelines import retry, storage
 
 
 @dataclass
@@ -168,7 +168,16 @@ def main(cfg: TrainConfig):
     prepared = prepare(cfg)
     init_ray()
     print(describe(cfg, prepared.index), flush=True)
-    return trainer_for(cfg, prepared).fit()
+    try:
+        return trainer_for(cfg, prepared).fit()
+    finally:
+        # pyarrow uploads checkpoint files in multipart uploads and leaves them open when a connection
+        # drops; once the run's own uploads are over, none under its folder is still wanted.
+        if storage.is_s3(cfg.storage_path):
+            try:
+                storage.abort_uploads(storage.join(cfg.storage_path, cfg.name))
+            except retry.StorageUnavailable as err:        # the run's own outcome matters more
+                print(f"[train] unfinished uploads not swept: {err}", flush=True)
 
 
 def run(cfg: TrainConfig) -> int:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipelines.config import from_dict
 from model.text_encoder import build_tiny_t5
-from pipelines import manifest
+from pipelines import manifest, storage
 from pipelines.curate import CurateConfig, HammingIndex, aspect_bucket, caption_attributes, curate
 from tests.conftest import run_cli
 from tests.pipelines.sources.layouts import (BLIP3O_TARS, encode, smooth_image, wds_members, write_dalle3_release,
@@ -130,15 +130,25 @@ def _row_id(r: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def builds(world, ray_session, tmp_path_factory):
-    """The same inputs and config built twice: serially in one block, and spread over workers."""
+def builds(world, ray_session, s3_server, s3_faults, tmp_path_factory):
+    """The same inputs and config built twice: serially in one block on local disk, and spread over
+    workers into S3 through 14 s of SlowDown from its third shard's upload on (the tests' retry budget
+    is 20 s) with a quarter of the writes' answers cut."""
     out = tmp_path_factory.mktemp("builds")
     logs = []
-    for name, par in (("a", dict(blocks=1, concurrency=1, batch_size=2, read_rows=2)),
-                      ("b", dict(blocks=0, concurrency=2, batch_size=5, read_rows=3))):
-        cfg = from_dict(CurateConfig, _config(world, out / name, **par))
-        curate(cfg, log=logs.append)
-    return out / "a", out / "b", "\n".join(logs)
+    for output, par in ((out / "a", dict(blocks=1, concurrency=1, batch_size=2, read_rows=2)),
+                        ("s3://test-bucket/curate/b", dict(blocks=0, concurrency=2, batch_size=5, read_rows=3))):
+        cfg = from_dict(CurateConfig, _config(world, output, **par))
+        answered = s3_faults.counters.outage_answers
+        if storage.is_s3(output):
+            s3_faults.outage_on("curate/b/shard-00002.parquet", 14)
+            s3_faults.drop_writes(0.25, seed=2)
+        try:
+            curate(cfg, log=logs.append)
+        finally:
+            s3_faults.clear()
+        assert storage.is_s3(output) == (s3_faults.counters.outage_answers > answered)   # the outage did land
+    return out / "a", "s3://test-bucket/curate/b", "\n".join(logs)
 
 
 def test_every_defect_in_its_bucket_and_every_valid_row_kept(world, builds):
@@ -176,14 +186,14 @@ def test_mix_weights_aspect_buckets_and_attributes(builds):
 
 def test_rebuild_with_other_parallelism_is_byte_identical(builds):
     a, b, _ = builds
-    ma, mb = manifest.read(str(a)), manifest.read(str(b))
+    ma, mb = manifest.read(str(a)), manifest.read(b)
     assert [(s.path, s.sha256) for s in ma.shards] == [(s.path, s.sha256) for s in mb.shards]
     assert len(ma.shards) == 8  # shard_rows=1
-    for s in ma.shards:
-        assert (a / s.path).read_bytes() == (b / s.path).read_bytes()
-    assert (a / manifest.DROPPED_NAME).read_bytes() == (b / manifest.DROPPED_NAME).read_bytes()
-    assert (a / manifest.MANIFEST_NAME).read_bytes() == (b / manifest.MANIFEST_NAME).read_bytes()
+    for name in [s.path for s in ma.shards] + [manifest.DROPPED_NAME, manifest.MANIFEST_NAME]:
+        assert (a / name).read_bytes() == storage.read_bytes(storage.join(b, name))
     assert "parallelism" not in ma.config and "output" not in ma.config
+    # The S3 build rode out its outage and cut writes: intact, no debris, no multipart upload left open.
+    assert manifest.verify(b) == [] and manifest.strays(b) == [] and storage.open_uploads(b) == []
 
 
 def test_planted_geneval_prompt_is_reported(builds):

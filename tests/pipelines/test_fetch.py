@@ -278,7 +278,12 @@ def _always_fails(name: str) -> dict:
     raise OSError(f"disk full writing {name}")
 
 
-def test_shard_tasks_are_resubmitted(ray_session, tmp_path):
+def _built_but_not_stored(out: str, name: str) -> dict:
+    marker = {"shard": name, "rows": 0, "sha256": hashlib.sha256(b"built").hexdigest(), "bytes": 5}
+    raise fetch.ShardNotStored(f"fetch: PUT {out}/{name} still failing", (out, name, b"built", marker, {"fetched_ok": 0}))
+
+
+def test_shard_tasks_are_resubmitted(ray_session, tmp_path, capfd):
     from ray import cloudpickle
     from tqdm import tqdm
 
@@ -292,6 +297,15 @@ def test_shard_tasks_are_resubmitted(ray_session, tmp_path):
     with tqdm(disable=True) as bar:
         done, failed = fetch.run_shard_tasks(cfg, [(shards[0], (shards[0].name,))], _always_fails, bar)
     assert done == [] and len(failed) == 1 and "disk full writing shard-00000.parquet" in failed[0]
+    assert "storage: shard-00000.parquet attempt 1 failed (OSError: disk full writing shard-00000.parquet); resubmitting in" \
+        in capfd.readouterr().err                                      # the task's own error, not RayTaskError
+    # A shard built but not stored within the budget: the next attempt uploads its bytes, downloads nothing.
+    with tqdm(disable=True) as bar:
+        done, failed = fetch.run_shard_tasks(cfg, [(shards[0], (str(tmp_path / "up"), shards[0].name))], _built_but_not_stored, bar)
+    assert failed == [] and done[0]["shard"] == shards[0].name and done[0]["fetched_ok"] == 0
+    assert (tmp_path / "up" / shards[0].name).read_bytes() == b"built"
+    assert json.loads((tmp_path / "up" / fetch.COMMIT_DIR / "shard-00000.json").read_text())["bytes"] == 5
+    assert "uploading its built bytes in" in capfd.readouterr().err
 
 
 # --- kill -9 mid-run, then resume: same shards as an uninterrupted run --------------------------
@@ -410,3 +424,130 @@ def test_wds_import_keeps_the_mirror_and_counts_every_damaged_sample(ray_session
         f.write(bytes(1024))
     with pytest.raises(ValueError, match=r"cc12m-train-0000\.tar changed since shard-00000\.parquet was imported from it"):
         fetch.run(cfg)
+
+
+# --- cloud faults: an S3 outage mid-run, dropped writes, a reader watching, an outage past the budget
+
+
+class _ManifestWatcher:
+    """Polls the bucket straight from the server (not through the faults) while a job runs; records
+    any moment a manifest was visible whose shards were missing or differed from it."""
+
+    def __init__(self, endpoint: str, prefix: str):
+        import threading
+
+        self.s3 = boto3_client(endpoint)
+        self.prefix, self.seen, self.bad = prefix, 0, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        for _ in range(20_000):                       # bounded; stopped by the test long before
+            if self.stop.wait(0.2):
+                return
+            try:
+                text = self.s3.get_object(Bucket="test-bucket", Key=f"{self.prefix}/manifest.json")["Body"].read()
+            except self.s3.exceptions.NoSuchKey:
+                continue
+            self.seen += 1
+            for s in manifest.Manifest.from_json(text.decode()).shards:
+                try:
+                    data = self.s3.get_object(Bucket="test-bucket", Key=f"{self.prefix}/{s.path}")["Body"].read()
+                except self.s3.exceptions.NoSuchKey:
+                    self.bad.append(f"{s.path} missing")
+                    continue
+                if hashlib.sha256(data).hexdigest() != s.sha256:
+                    self.bad.append(f"{s.path} differs")
+
+    def __enter__(self) -> "_ManifestWatcher":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def boto3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def test_fetch_to_s3_rides_out_an_outage_and_resumes_past_the_budget(ray_session, image_server, s3_server, s3_faults,
+                                                                       s3_moto, tmp_path, capfd, monkeypatch):
+    from jobs.cli import main
+    from pipelines.retry import EXIT_RESUMABLE
+
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("".join(f"{image_server.base}/img/{i}.jpg\tcaption {i}\n" for i in range(6)))
+    args = ["shard_size=2", "allow_hosts=[127.0.0.1]", "timeout=5", "max_in_flight=1", "threads=2"]
+    out = "s3://test-bucket/faults/fetch"
+    hits = sum(image_server.hits.values())
+    try:
+        # 14 s of SlowDown from shard 1's upload on (the session's budget is 20 s), a quarter of the
+        # writes cut after they landed; the fetch finishes, downloading each image once.
+        s3_faults.outage_on("shard-00001.parquet", 14)
+        s3_faults.drop_writes(0.25, seed=1)
+        with _ManifestWatcher(s3_moto, "faults/fetch") as watcher:
+            assert main(["fetch", str(urls), out, *args]) == 0
+        err = capfd.readouterr().err
+        assert s3_faults.counters.outage_answers >= 3 and s3_faults.counters.dropped_writes >= 1
+        assert f"fetch: PUT {out}/shard-00001.parquet" in err and "SlowDown: Please reduce your request rate." in err
+        assert sum(image_server.hits.values()) - hits == 6                # nothing downloaded twice
+        assert watcher.seen >= 1 and watcher.bad == []
+        assert manifest.verify(out) == [] and manifest.strays(out) == [] and storage.open_uploads(out) == []
+
+        # An outage from the manifest's upload on, longer than a 3 s budget: every shard is committed,
+        # so the job fails with the resumable code and the sentence; the same command then finishes.
+        s3_faults.clear()
+        again = "s3://test-bucket/faults/fetch-again"
+        monkeypatch.setenv("MINIT2I_RETRY", "budget=3,first_delay=0.2,max_delay=1")
+        s3_faults.outage_on("fetch-again/manifest.json", 8)
+        assert main(["fetch", str(urls), again, *args]) == EXIT_RESUMABLE
+        err = capfd.readouterr().err
+        assert f"minit2i fetch: failed, resumable: fetch: PUT {again}/manifest.json" in err
+        assert "run the same command again to resume (exit 75)" in err
+        deadline = time.monotonic() + 30
+        while s3_faults.in_outage and time.monotonic() < deadline:
+            time.sleep(0.2)
+        hits = sum(image_server.hits.values())
+        assert main(["fetch", str(urls), again, *args]) == 0
+        assert sum(image_server.hits.values()) == hits                    # the re-run downloads nothing
+        # `out` is not part of what a dataset is: both builds' manifests are byte-identical.
+        assert storage.read_bytes(f"{again}/manifest.json") == storage.read_bytes(f"{out}/manifest.json")
+        assert storage.open_uploads("s3://test-bucket/faults") == []
+    finally:
+        s3_faults.clear()
+
+
+# --- preemption: the node running a shard task vanishes mid-shard ---------------------------------
+
+
+def test_fetch_survives_losing_a_node_mid_run(two_nodes, image_server, tmp_path):
+    """A fetch on a 2-node cluster whose worker node's raylet is killed while its shard downloads:
+    the shard is resubmitted (after backoff) to the surviving node, every row lands once, and no shard
+    committed before the loss is fetched again."""
+    from tests.conftest import kill_node_mid_run
+
+    b = image_server.base
+    lines = [f"{b}/slow/{i}.jpg?s=1.5" for i in range(100, 108)]           # 4 shards of 2 slow images
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("".join(f"{u}\tcaption {i}\n" for i, u in enumerate(lines)))
+    out = tmp_path / "ds"
+    paths = [u[len(b):].split("?")[0] for u in lines]
+    before = {p: image_server.hits[p] for p in paths}
+    done, seen = kill_node_mid_run(two_nodes, ["fetch", str(urls), str(out), "shard_size=2", "allow_hosts=[127.0.0.1]",
+                                                "timeout=10", "threads=1", "max_in_flight=2"], out / fetch.COMMIT_DIR)
+    stderr = done.stderr
+    assert done.returncode == 0, stderr[-3000:]
+    committed = {name.rsplit(".", 1)[0] for name in seen}
+    assert "resubmitting in" in stderr, stderr[-3000:]                       # the lost shard went round again
+    table = _read_dataset(str(out))
+    assert table.column("status").to_pylist() == ["success"] * 8                 # nothing lost
+    assert manifest.verify(str(out)) == []
+    hits = {p: image_server.hits[p] - before[p] for p in paths}
+    assert all(n >= 1 for n in hits.values())
+    for shard in committed:                                                      # nothing committed redone
+        i = int(shard.split("-")[1])
+        assert [hits[p] for p in paths[2 * i:2 * i + 2]] == [1, 1], (shard, hits)

@@ -186,9 +186,10 @@ def test_mirror_joined_by_key_is_what_the_pretrain_config_reads(ray_session, mod
     assert rows["caption"].tolist() == [f"LLaVA caption of {k}" for k in usable]
 
 
-def test_s3_wds_import_and_join(ray_session, models, cc12m_mirror, s3_server, tmp_path):
+def test_s3_wds_import_and_join(ray_session, models, cc12m_mirror, s3_server, s3_faults, tmp_path, capfd):
     """The mirror's tars on S3 -> `minit2i fetch wds=...` (the command, joining the test's Ray cluster
-    as a job on a cluster would) -> S3 -> the LLaVA captions joined by key -> S3."""
+    as a job on a cluster would) -> S3 -> the LLaVA captions joined by key -> S3, through 14 s of
+    SlowDown from the second joined shard's upload on (the tests' retry budget is 20 s)."""
     import boto3
 
     _, t5 = models
@@ -205,9 +206,15 @@ def test_s3_wds_import_and_join(ray_session, models, cc12m_mirror, s3_server, tm
                    "max_in_flight=2", env=env, timeout=300)
     assert "fetch: 7/10 images" in proc.stdout and f"manifest: {data}/manifest.json" in proc.stdout
     assert [e.path for e in manifest.read(data).inputs] == tars
-    result = recaption.run(recaption.RecaptionConfig(data=data, out=out, from_jsonl=str(cc12m_mirror["captions"]),
-                                                     join_on="key", t5_tokenizer=str(t5)))
+    s3_faults.outage_on("cc12m-mirror-llava/shard-00001.parquet", 14)
+    try:
+        result = recaption.run(recaption.RecaptionConfig(data=data, out=out, from_jsonl=str(cc12m_mirror["captions"]),
+                                                         join_on="key", t5_tokenizer=str(t5)))
+    finally:
+        s3_faults.clear()
+    assert f"recaption: PUT {out}/shard-00001.parquet" in capfd.readouterr().err     # the retry line names it
     assert "joined by key: 10/10 rows (100.00%)" in recaption.summary(result)
+    assert manifest.strays(out) == [] and storage.open_uploads(out) == []
     table = _table(out)
     assert table.column("caption").to_pylist() == [f"LLaVA caption of {k}" for k in table.column("key").to_pylist()]
     assert manifest.verify(out) == [] and manifest.verify(data) == []

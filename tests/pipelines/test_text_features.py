@@ -96,10 +96,19 @@ def test_encode_text_names_a_corrupt_shard_and_keeps_what_it_committed(ray_sessi
         assert sha(out / marker["shard"]) == marker["sha256"]
 
 
-def test_encode_text_cli_on_s3(tmp_path, s3_server):
+def test_encode_text_cli_on_s3(tmp_path, s3_server, s3_faults):
+    """The command on S3 rides out 14 s of SlowDown from its second shard's upload on: its own Ray
+    workers get the tests' retry budget (20 s) from the job's runtime_env."""
     data = make_dataset("s3://test-bucket/encode/squares", n=8, size=8, shards=2)
-    proc = run_cli("encode-text", data, "s3://test-bucket/encode/squares-t5",
-                   "text_encoder.prompt_length=16", "batch_size=4")
+    s3_faults.outage_on("encode/squares-t5/shard-00001.parquet", 14)
+    try:
+        proc = run_cli("encode-text", data, "s3://test-bucket/encode/squares-t5",
+                       "text_encoder.prompt_length=16", "batch_size=4")
+    finally:
+        s3_faults.clear()
+    assert "encode-text: PUT s3://test-bucket/encode/squares-t5/shard-00001.parquet" in proc.stderr
+    assert "SlowDown" in proc.stderr
+    assert manifest.strays("s3://test-bucket/encode/squares-t5") == []
     assert "encode-text: 8 captions -> t5_features (tiny-t5, width 64, prompt length 16" in proc.stdout
     assert storage.exists("s3://test-bucket/encode/squares-t5/manifest.json")
     bad = run_cli("encode-text", data, "s3://test-bucket/encode/x", "text_encoder.prompt_lenght=16", check=False)
