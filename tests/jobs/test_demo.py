@@ -1,6 +1,7 @@
 """The embedded default end to end at a small size: real Ray, real HTTP, real DeepSpeed, as a user runs it."""
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -47,3 +48,24 @@ def test_demo_refuses_a_non_empty_output(tmp_path):
     proc = run_cli("demo", f"out={tmp_path}", check=False)
     assert proc.returncode == 2 and "is not empty" in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_no_world_caption_is_cut_by_the_demo_prompt_length():
+    """Every caption the demo's world can draw fits the trained prompt length: a cut relation caption
+    ("a purple triangle to the right of an orange triangle", 53 ByT5 tokens) loses its second object."""
+    from jobs import repo_path
+    from jobs.demo import DemoConfig
+    from jobs.train.config import TrainConfig
+    from pipelines import config as config_lib
+    from model.text_encoder import count_tokens, load_tokenizer
+    from pipelines.world import COUNT_WORDS, PALETTE, RELATIONS, SHAPES, Obj, Scene
+
+    demo = config_lib.load(DemoConfig, repo_path("jobs/configs/demo.yaml"))
+    train = config_lib.override(config_lib.load(TrainConfig, repo_path(demo.train_config), []), demo.train, "demo train")
+    captions = [Scene("count", (Obj(c, s),) * n).caption for c, s, n in itertools.product(PALETTE, SHAPES, COUNT_WORDS)]
+    captions += [Scene("relation", (Obj(c1, s1), Obj(c2, s2)), rel).caption
+                 for (c1, c2), s1, s2, rel in itertools.product(itertools.permutations(PALETTE, 2), SHAPES, SHAPES, RELATIONS)]
+    assert len(captions) == 8 * 3 * 4 + 8 * 7 * 3 * 3 * 4
+    tokens = count_tokens(load_tokenizer(train.text_encoder.name_or_path), captions)
+    longest = max(zip(tokens, captions))
+    assert longest[0] <= train.text_encoder.prompt_length, longest
