@@ -60,7 +60,7 @@ class WorldSection:
 
 @dataclass
 class EvalSection:
-    every: int = 0                   # steps between evaluations (0: only at the end)
+    every: int = 250                 # steps between evaluations (0: only at the end)
     per_kind: int = 32               # held-out prompts per prompt kind (single, counting, relation)
     seeds: list[int] = field(default_factory=lambda: [0])
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(sampler="heun", steps=25, cfg_scale=3.0))
@@ -75,6 +75,11 @@ class SweepSection:
     name: str = "learn"
     cpus_per_trial: float = 1.0       # also the trial's torch threads
     max_concurrent: int = 0           # 0: as many as the cluster's CPUs allow
+    mode: str = "product"             # "product" (every combination) or "one_at_a_time" (the base, then one key changed)
+
+    def __post_init__(self):
+        if self.mode not in ("product", "one_at_a_time"):
+            raise ValueError(f"sweep.mode must be product or one_at_a_time, got {self.mode!r}")
 
 
 @dataclass
@@ -281,15 +286,21 @@ def run(cfg: LearnConfig, emit=print, save: str | None = None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def grid_settings(cfg: LearnConfig) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, as {dotted key: value}; each checked against the config."""
-    keys = list(cfg.grid)
-    for key in keys:
-        if not isinstance(cfg.grid[key], list) or not cfg.grid[key]:
-            raise ValueError(f"grid.{key} must be a non-empty list of values, got {cfg.grid[key]!r}")
-    settings = [dict(zip(keys, values)) for values in itertools.product(*(cfg.grid[k] for k in keys))]
-    for s in settings:
-        with_setting(cfg, s)          # a bad key or value is an error before any trial starts
-    return settings
+    """The trials' settings as {dotted key: value}: every combination of the grid's values
+    (sweep.mode "product"), or the base plus each value of each key alone ("one_at_a_time", the
+    full grid's mode: its product would be thousands of runs). Each is checked against the config."""
+    for key, values in cfg.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"grid.{key} must be a non-empty list of values, got {values!r}")
+        for value in values:
+            try:
+                with_setting(cfg, {key: value})     # a bad key or value is an error before any trial starts
+            except ValueError as err:
+                raise ValueError(f"grid.{key}: {err}") from None
+    if cfg.sweep.mode == "product":
+        keys = list(cfg.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(cfg.grid[k] for k in keys))]
+    return [{}] + [{key: value} for key, values in cfg.grid.items() for value in values]
 
 
 def with_setting(cfg: LearnConfig, setting: dict[str, Any]) -> LearnConfig:
