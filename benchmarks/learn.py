@@ -330,6 +330,9 @@ def run_grid(cfg: LearnConfig) -> list[dict[str, Any]]:
     from jobs.ray_init import init_ray
 
     settings = grid_settings(cfg)
+    # A local Ray starts its workers at niceness 15 (RAY_worker_niceness) to keep its daemons
+    # responsive; trials are the measurement, so they run at 0, as a plain process would.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     init_ray()
     out = os.path.abspath(cfg.sweep.out)
     trainable = tune.with_resources(_trial, {"cpu": cfg.sweep.cpus_per_trial})

@@ -41,7 +41,7 @@ class DemoConfig:
     recaption: dict[str, Any] = field(default_factory=dict)    # RecaptionConfig overrides; needs `model`
     train_config: str = "jobs/configs/debug.yaml"              # the training run, relative to the repo
     train: dict[str, Any] = field(default_factory=dict)        # TrainConfig overrides
-    eval_prompts: int = 64                                     # world prompts sampled and checked
+    eval_prompts: int = 96                                     # world prompts sampled and checked (single, counting, relation in turn)
     generate: dict[str, Any] = field(default_factory=dict)     # GenerateConfig overrides
     tune: dict[str, Any] = field(default_factory=dict)         # SamplingTuneConfig overrides
 
@@ -158,7 +158,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         from jobs.inference import save_grid
 
         gen_cfg = config_lib.override(GenerateConfig(prompts=str(prompts), out=str(out / "samples"), checkpoint=weights,
-                                            seeds=[0]), {"sampler.steps": 25, "sampler.cfg_scale": 3.0, **cfg.generate},
+                                            seeds=[0]), {"sampler.steps": 25, "sampler.cfg_scale": 2.0, **cfg.generate},
                              "demo generate")
         gen = generate_images(gen_cfg)
         rows = load_generated(gen_cfg.out)[:32]
