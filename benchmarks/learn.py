@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
     def emit(row: dict) -> None:
         line = json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from jobs.demo import DEMO_CATEGORIES
@@ -92,7 +93,13 @@ def test_swapping_the_count_word_changes_the_generated_counts(small_demo):
     _, _, summary = small_demo
     net, encoder, meta = load_model(summary["checkpoint"])
     pairs = [(c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(PALETTE)]
-    hist = count_response(net, encoder, resolve_sampler(SamplerConfig(sampler="heun", steps=10, cfg_scale=3.0), meta), pairs, seeds=2)
+    sampler = resolve_sampler(SamplerConfig(sampler="heun", steps=10, cfg_scale=3.0), meta)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # small batches: one thread, and no spinning threads on a shared box
+    try:
+        hist = count_response(net, encoder, sampler, pairs, seeds=2)
+    finally:
+        torch.set_num_threads(threads)
     mean = {n: float(np.dot(h, range(5))) for n, h in hist.items()}
     print("count response", hist, mean)
     assert mean[4] - mean[1] >= COUNT_GAP, (mean, hist)
