@@ -6,7 +6,7 @@ import pytest
 from benchmarks import learn
 
 TINY = ["world.n=64", "batch_size=16", "optim.steps=4", "optim.warmup_steps=1", "eval.every=2", "eval.per_kind=1",
-        "eval.sampler.steps=2", "eval.t_buckets=[0.5]", "model.overrides.width=32", "model.overrides.depth=1"]
+        "eval.sampler.steps=2", "eval.t_buckets=[0.5]", "model.overrides.depth=1"]
 
 
 def test_grid_runs_as_tune_trials_and_reports_every_category_per_step(ray_session, tmp_path):

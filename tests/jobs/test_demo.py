@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from jobs.demo import DEMO_CATEGORIES
-
 from model.checkpoint import load_weights
 from pipelines import manifest
 from tests.conftest import run_cli
 
 
 # The small run's settings: the demo's patch-8 debug model trained long enough to follow colours and
-# to answer count words, still about as quick as the 24 patch-4 steps it replaced.
+# to answer count words (160 steps of 16: about 15 CPU-seconds per worker more than the 24 patch-4
+# steps with 32-token prompts it replaced, from the step costs in BENCHMARKS.md "bench learn").
 SMALL_STEPS = 160
 # Mean blobs for "four" minus mean blobs for "a", same noises: measured 0.62 on this run (2026-12-01:
 # a 3.19, two 3.81, three 3.88, four 3.81; the small model over-draws, but fewer for "a"); a model
