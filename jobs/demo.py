@@ -20,6 +20,9 @@ from typing import Any
 from jobs import repo_path
 from pipelines import config as config_lib
 
+# The world categories the demo's prompts cover (jobs/metrics/world.py), in the summary's order.
+DEMO_CATEGORIES = ("single_object", "counting", "colours", "shapes", "position", "colour_attribution")
+
 @dataclass
 class WorldSection:
     n: int = 1600                  # scenes served and fetched
@@ -38,7 +41,7 @@ class DemoConfig:
     recaption: dict[str, Any] = field(default_factory=dict)    # RecaptionConfig overrides; needs `model`
     train_config: str = "jobs/configs/debug.yaml"              # the training run, relative to the repo
     train: dict[str, Any] = field(default_factory=dict)        # TrainConfig overrides
-    eval_prompts: int = 64                                     # world prompts sampled and checked
+    eval_prompts: int = 96                                     # world prompts sampled and checked (single, counting, relation in turn)
     generate: dict[str, Any] = field(default_factory=dict)     # GenerateConfig overrides
     tune: dict[str, Any] = field(default_factory=dict)         # SamplingTuneConfig overrides
 
@@ -66,12 +69,13 @@ class Stages:
 
 
 def write_eval_prompts(path: Path, n: int, size: int, seed: int) -> Path:
-    """Held-out world captions (another world seed) for sampling and checking, one per line."""
-    from pipelines.world import WorldConfig, make_scene
+    """Held-out world captions (another world seed) for sampling and checking, one per line:
+    single objects, counts and relations in turn, so every category is scored (and every prefix,
+    which the tune sweep's subsets use, is balanced)."""
+    from pipelines.world import WorldConfig, held_out_captions
 
-    config = WorldConfig(size=size, seed=seed + 1_000, relation_fraction=0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(make_scene(i, config).caption + "\n" for i in range(n)))
+    path.write_text("".join(c + "\n" for c in held_out_captions(n, WorldConfig(size=size, seed=seed + 1_000))))
     return path
 
 
@@ -154,7 +158,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         from jobs.inference import save_grid
 
         gen_cfg = config_lib.override(GenerateConfig(prompts=str(prompts), out=str(out / "samples"), checkpoint=weights,
-                                            seeds=[0]), {"sampler.steps": 25, "sampler.cfg_scale": 3.0, **cfg.generate},
+                                            seeds=[0]), {"sampler.steps": 25, "sampler.cfg_scale": 2.0, **cfg.generate},
                              "demo generate")
         gen = generate_images(gen_cfg)
         rows = load_generated(gen_cfg.out)[:32]
@@ -204,10 +208,10 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     table.add_column("what")
     table.add_column("value", overflow="fold")
     ev = summary.get("eval", {})
-    colour = ev.get("world/colours")
-    if colour is not None:
-        table.add_row("colour prompt following", f"{100 * colour:.1f}% (chance: 12.5%)")
-    for key in ("world/overall", "world/single_object", "world/counting", "artifact_ratio"):
+    for cat in DEMO_CATEGORIES:
+        if f"world/{cat}" in ev:
+            table.add_row(f"prompt following: {cat.replace('_', ' ')}", f"{100 * ev[f'world/{cat}']:.1f}%")
+    for key in ("world/overall", "artifact_ratio"):
         if key in ev:
             table.add_row(key, f"{ev[key]:.3f}")
     table.add_row("sample grid", summary.get("sample_grid", "-"))

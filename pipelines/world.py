@@ -202,6 +202,29 @@ def make_scene(index: int, config: WorldConfig = WorldConfig()) -> Scene:
     return Scene("count", objects, None, config.size, config.seed, index)
 
 
+PROMPT_KINDS = ("single", "counting", "relation")   # what held_out_captions balances
+
+
+def prompt_kind(scene: Scene) -> str:
+    """single (one object), counting (2..4 of one kind) or relation (two objects placed)."""
+    return "relation" if scene.kind == "relation" else "single" if len(scene.objects) == 1 else "counting"
+
+
+def held_out_captions(n: int, config: WorldConfig) -> list[str]:
+    """n captions of `config`'s world (give it another seed than the training world's), cycling
+    single, counting, relation, so that every prefix of the list is balanced across the three.
+    Each kind keeps the world's own distribution of colours, shapes, counts and relations."""
+    config = dataclasses.replace(config, relation_fraction=0.5).validate()   # draws every kind often
+    pools: dict[str, list[str]] = {k: [] for k in PROMPT_KINDS}
+    need = {k: len(range(i, n, len(PROMPT_KINDS))) for i, k in enumerate(PROMPT_KINDS)}
+    index = 0
+    while any(len(pools[k]) < need[k] for k in PROMPT_KINDS):
+        scene = make_scene(index, config)
+        pools[prompt_kind(scene)].append(scene.caption)
+        index += 1
+    return [pools[PROMPT_KINDS[i % len(PROMPT_KINDS)]][i // len(PROMPT_KINDS)] for i in range(n)]
+
+
 def render(scene: Scene) -> Image.Image:
     """RGB image of a scene: solid shapes on the grey background, no anti-aliasing."""
     image = Image.new("RGB", (scene.size, scene.size), BACKGROUND)

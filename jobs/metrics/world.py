@@ -6,8 +6,9 @@ background, so an image can be judged without a learned detector:
   objects  connected components of each colour (scipy.ndimage.label), tiny specks dropped,
   shape    fill ratio of the bounding box: square ~1.0, circle ~pi/4 = 0.785, triangle ~0.5,
   position centroids of the two named objects.
-Scores follow GenEval's task split (single object, two objects, counting, colours, position):
-a prompt counts as correct only when every check that applies to it passes.
+Scores follow GenEval's task split (single object, two objects, counting, colours, position,
+colour attribution) plus shapes: a prompt counts as correct only when every check that applies to
+it passes.
 
 Caption grammar (lower case, an optional "a photo of" in front and a final "." are ignored):
   caption  := object | object relation object | object "and" object
@@ -39,7 +40,10 @@ RELATIONS = {  # caption phrase -> canonical relation
 }
 COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
-CATEGORIES = ("single_object", "two_objects", "counting", "colours", "position")
+# Prompt categories (a prompt is in one) and checks scored over every prompt (colours, shapes) or
+# over every two-object prompt (colour_attribution: each colour on its own shape, position aside).
+CATEGORIES = ("single_object", "two_objects", "counting", "colours", "shapes", "position", "colour_attribution")
+TWO_OBJECT_CATEGORIES = ("two_objects", "position")
 
 # Fill ratio (component area / bounding-box area) boundaries, halfway between the ideal shapes.
 SQUARE_MIN_FILL = (1.0 + np.pi / 4) / 2      # 0.89
@@ -289,20 +293,26 @@ def check_image(image: np.ndarray, prompt: Prompt | str, min_area: int | None = 
 
 
 def summarize(verdicts: list[Verdict | dict]) -> dict[str, float]:
-    """GenEval-style scores: per category (share of prompts fully correct; `colours` is the colour
-    check over every prompt, since every world prompt names colours), per check, and `overall`
-    (mean over the categories present, as GenEval averages its tasks)."""
+    """GenEval-style scores: per prompt category (share of prompts fully correct); `colours` and
+    `shapes` (the colour and shape checks over every prompt, since every world prompt names both);
+    `colour_attribution` (two-object prompts whose colours, counts and shapes all hold, each colour
+    on its own shape as in GenEval's colour-attribution task, position aside); per check; and
+    `overall` (mean over the categories present, as GenEval averages its tasks)."""
     rows = [v.record() if isinstance(v, Verdict) else v for v in verdicts]
     if not rows:
         return {}
     out: dict[str, float] = {}
     for cat in CATEGORIES:
-        if cat == "colours":
-            out["colours"] = float(np.mean([r["colour"] for r in rows]))
-            continue
-        picked = [r["correct"] for r in rows if r["category"] == cat]
-        if picked:
-            out[cat] = float(np.mean(picked))
+        if cat in ("colours", "shapes"):
+            out[cat] = float(np.mean([r[cat[:-1]] for r in rows]))
+        elif cat == "colour_attribution":
+            pairs = [r["colour"] and r["count"] and r["shape"] for r in rows if r["category"] in TWO_OBJECT_CATEGORIES]
+            if pairs:
+                out[cat] = float(np.mean(pairs))
+        else:
+            picked = [r["correct"] for r in rows if r["category"] == cat]
+            if picked:
+                out[cat] = float(np.mean(picked))
     out["overall"] = float(np.mean([out[c] for c in CATEGORIES if c in out]))
     for check in ("colour", "count", "shape", "position"):
         vals = [r[check] for r in rows if r[check] is not None]

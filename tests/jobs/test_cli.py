@@ -86,7 +86,7 @@ def bad_input_cases(tmp):
                     (["export", missing, tmp / "e", "format=comfy"], "the only export format is diffusers"),
                     (["export", missing, tmp / "e"], "has no model.json"),
                     (["merge"], "unknown action 'merge': one of import, export")],
-        "bench": [(["nosuch"], "unknown action 'nosuch': one of fetch, train, index, join, weights, all"),
+        "bench": [(["nosuch"], "unknown action 'nosuch': one of fetch, train, index, join, weights, learn, all"),
                   (["fetch", "rounds=2"], "takes no settings (key=value or --config)"),
                   (["all", "--", "--rounds", "2"], "bench all runs every benchmark with its defaults")],
     }

@@ -77,7 +77,10 @@ def test_noise_image_fails_and_summary_scores_per_category():
     s = summarize(good + bad)
     for cat in ("single_object", "two_objects", "counting", "position"):
         assert s[cat] == 0.5
-    assert s["colours"] <= 0.75 and s["overall"] == pytest.approx(np.mean([s[c] for c in ("single_object", "two_objects", "counting", "colours", "position")]))
+    assert s["colour_attribution"] == 0.5          # the two two-object prompts, right once each
+    assert s["colours"] <= 0.75 and s["shapes"] <= 0.75
+    assert s["overall"] == pytest.approx(np.mean([s[c] for c in ("single_object", "two_objects", "counting", "colours",
+                                                                    "shapes", "position", "colour_attribution")]))
     assert summarize(good)["overall"] == 1.0
 
 
@@ -91,3 +94,15 @@ def test_every_world_render_passes_its_own_caption():
             scene = make_scene(i, config)
             verdict = check_image(np.asarray(render(scene)), scene.caption)
             assert verdict.correct, (size, i, scene.caption, verdict)
+
+
+def test_colour_attribution_needs_each_colour_on_its_own_shape():
+    # Swapped attributes: both colours and both shapes are there, but on the wrong objects.
+    caption = "a red circle above a blue square"
+    right = check_image(draw([("red", "circle", 32, 16, 7), ("blue", "square", 32, 48, 7)], S), caption)
+    swapped = check_image(draw([("red", "square", 32, 16, 7), ("blue", "circle", 32, 48, 7)], S), caption)
+    misplaced = check_image(draw([("red", "circle", 32, 48, 7), ("blue", "square", 32, 16, 7)], S), caption)
+    s = summarize([right, swapped, misplaced])
+    assert s["colour_attribution"] == pytest.approx(2 / 3)        # position aside: only the swap fails
+    assert s["position"] == pytest.approx(1 / 3) and s["colours"] == 1.0
+    assert "colour_attribution" not in summarize([check_image(render_caption("a red circle"), "a red circle")])

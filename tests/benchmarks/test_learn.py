@@ -1,0 +1,52 @@
+"""bench learn: the grid as a real Ray Tune experiment at a tiny size, and its config errors."""
+
+import pandas as pd
+import pytest
+
+from benchmarks import learn
+
+TINY = ["world.n=64", "batch_size=16", "optim.steps=4", "optim.warmup_steps=1", "eval.every=2", "eval.per_kind=1",
+        "eval.sampler.steps=2", "eval.t_buckets=[0.5]", "model.overrides.depth=1"]
+
+
+def test_grid_runs_as_tune_trials_and_reports_every_category_per_step(ray_session, tmp_path):
+    cfg = learn.load_config(None, [*TINY, f"sweep.out={tmp_path}", "eval.cfg_scales=[1.0, 3.0]",
+                                   "grid={model.overrides.patch_size: [4, 8]}"])
+    rows = learn.run_grid(cfg)
+    learn.write_reports(rows, str(tmp_path))
+    df = pd.read_csv(tmp_path / "learn.csv")
+    # a row per (setting, step, CFG, category): 2 settings x 2 evaluations x 2 scales x 7 categories
+    assert len(df) == 2 * 2 * 2 * len(learn.CATEGORIES)
+    assert set(df["setting"]) == {"patch_size=4", "patch_size=8"} and set(df["step"]) == {2, 4}
+    assert set(df["category"]) == set(learn.CATEGORIES) and df["score"].between(0, 1).all()
+    wide = pd.read_csv(tmp_path / "learn_wide.csv")
+    assert len(wide) == 2 * 2 * 2 and "position" in wide and "colour_attribution" in wide
+    assert (tmp_path / "learn.png").stat().st_size > 0
+
+
+def test_a_bad_grid_is_an_error_before_any_trial():
+    with pytest.raises(ValueError, match="grid.optim.lrr: unknown key"):
+        learn.grid_settings(learn.load_config(None, ["grid={optim.lrr: [1e-3]}"]))
+    with pytest.raises(ValueError, match="grid.optim.lr must be a non-empty list"):
+        learn.grid_settings(learn.load_config(None, ["grid={optim.lr: 1e-3}"]))
+
+
+def test_the_full_grid_config_loads_and_names_every_setting():
+    from jobs import repo_path
+
+    cfg = learn.load_config(str(repo_path("benchmarks/learn_full.yaml")), [])
+    settings = learn.grid_settings(cfg)
+    assert settings[0] == {} and all(len(s) == 1 for s in settings[1:])     # the base, then one key changed
+    keys = {k for s in settings for k in s}
+    for key in ("model.overrides.depth", "model.overrides.width", "model.overrides.patch_size", "optim.lr",
+                "optim.warmup_steps", "ema.decays", "batch_size", "text_encoder.prompt_length",
+                "denoiser.caption_dropout", "denoiser.noise_scale", "denoiser.t_mu"):
+        assert key in keys, key
+
+
+def test_an_override_keeps_the_rest_of_its_section():
+    """`optim.steps=1000` once rebuilt OptimConfig from its class defaults (lr 4e-4, warmup 5000):
+    a 1000-step run then never left warmup, which made noise-scale runs look far worse than they were."""
+    cfg = learn.load_config(None, ["optim.steps=1000", "denoiser.noise_scale=2.0"])
+    assert (cfg.optim.steps, cfg.optim.lr, cfg.optim.warmup_steps) == (1000, 1e-3, 20)
+    assert (cfg.denoiser.noise_scale, cfg.denoiser.caption_dropout) == (2.0, 0.1)
