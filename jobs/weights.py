@@ -19,6 +19,7 @@ class ImportConfig:
     src: str = ""                        # released folder (transformer, model or whole Hub folder) or a .pt checkpoint
     out: str = ""                        # the weights folder to write (must not exist or be empty)
     model: str | None = None             # which model of a whole Hub folder, e.g. minit2i-b-16 or minit2i-l-16
+    ema_decay: float | None = None       # the EMA decay a diffusers folder's weights have; None = the released model's
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ExportConfig:
 def import_(args: ImportConfig) -> int:
     from model import released
 
-    r = released.import_weights(args.src, args.out, args.model)
+    r = released.import_weights(args.src, args.out, args.model, args.ema_decay)
     print(f"imported {args.src} -> {r.out} in {r.seconds:.1f} s: preset {r.preset or '(none)'}, "
           f"weights {', '.join(r.weights)}")
     for key, shape in r.dropped.items():

@@ -17,6 +17,7 @@ H heads, Dh head dim, P patch size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -264,12 +265,19 @@ class MMJiT(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
 
-        self.register_buffer("pos_embed", sincos_2d(cfg.width, cfg.grid), persistent=False)   # [N, D]
-        txt_angles = rope_angles_1d(cfg.head_dim, torch.arange(cfg.text_length), cfg.rope_theta)
-        img_angles = rope_angles_2d(cfg.head_dim, cfg.grid, cfg.rope_theta)
-        self.register_buffer("rope_text", torch.stack([txt_angles.cos(), txt_angles.sin()]).float(), persistent=False)
-        self.register_buffer("rope_image", torch.stack([img_angles.cos(), img_angles.sin()]).float(), persistent=False)
+        self.init_buffers()
         self.reset_parameters()
+
+    def init_buffers(self, device: torch.device | str | None = None):
+        """The fixed tables (positions, RoPE angles), computed, not stored: a model built on the
+        meta device gets them here after its weights are loaded with `assign=True`."""
+        cfg = self.config
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.register_buffer("pos_embed", sincos_2d(cfg.width, cfg.grid), persistent=False)   # [N, D]
+            txt_angles = rope_angles_1d(cfg.head_dim, torch.arange(cfg.text_length), cfg.rope_theta)
+            img_angles = rope_angles_2d(cfg.head_dim, cfg.grid, cfg.rope_theta)
+            self.register_buffer("rope_text", torch.stack([txt_angles.cos(), txt_angles.sin()]).float(), persistent=False)
+            self.register_buffer("rope_image", torch.stack([img_angles.cos(), img_angles.sin()]).float(), persistent=False)
 
     def reset_parameters(self):
         for m in self.modules():
