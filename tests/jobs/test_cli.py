@@ -26,7 +26,7 @@ def bad_input_cases(tmp):
         "model-info": [(["B/16", "text_dimm=8"], "unknown key 'text_dimm'"), (["B/16", "text_dim=wide"], "text_dim must be an integer or null, got 'wide'"),
                        (["B/16", "--config", missing / "m.yaml"], "does not exist"), ([], "takes PRESET (0 given)")],
         "sample": [(["sampler.cfg=3"], "unknown key 'cfg' in sampler; valid keys: a_min, cfg_interval, cfg_scale"),
-                   (["sampler.steps=many"], "sampler.steps must be an integer, got 'many'"),
+                   (["sampler.steps=many"], "sampler.steps must be an integer or null, got 'many'"),
                    ([f"checkpoint={missing}"], f"{missing} does not exist: give a weights folder"),
                    ([f"prompts_file={missing / 'p.txt'}"], f"prompts_file {missing}/p.txt does not exist")],
         "world": [([tmp / "w", "nn=3"], "unknown key 'nn'; did you mean 'n'?"), ([tmp / "w", "n=abc"], "n must be an integer, got 'abc'"),
