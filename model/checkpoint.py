@@ -87,6 +87,15 @@ def save_weights(
     tmp = target.with_suffix(".safetensors.tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, target)
+    save_meta(out_dir, model, text_encoder, denoiser, extra)
+    return target
+
+
+def save_meta(out_dir: str | Path, model: MMJiTConfig, text_encoder: TextEncoderConfig, denoiser: DenoiserConfig,
+              extra: dict | None = None) -> None:
+    """`model.json` (the configs the weights were trained with, plus `extra`), atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": dataclasses.asdict(model),
         "text_encoder": dataclasses.asdict(text_encoder),
@@ -96,7 +105,6 @@ def save_weights(
     tmp_meta = out_dir / (META_NAME + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
     os.replace(tmp_meta, out_dir / META_NAME)
-    return target
 
 
 def read_meta(weights_dir: str | Path) -> dict:
