@@ -405,6 +405,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def same_network(a: MMJiTConfig, b: MMJiTConfig) -> bool:
+    """Whether two configs build the same network: equal, except that mlp_ratio only matters through
+    the hidden size it rounds to (the port writes 8/3 as 2.6666666666666665, presets as 2.6667)."""
+    return dataclasses.replace(a, mlp_ratio=b.mlp_ratio) == b and a.mlp_hidden == b.mlp_hidden
+
+
 def preset(name: str, **overrides) -> MMJiTConfig:
     """A named preset with optional field overrides, e.g. preset("B/16", text_dim=1024)."""
     if name not in PRESETS:

@@ -34,7 +34,7 @@ from model.checkpoint import (
     META_NAME, available_weights, check_state, read_meta, rename, save_weights, upgrade_legacy,
 )
 from model.denoiser import DenoiserConfig, SamplerConfig
-from model.mmjit import PRESETS, MMJiT, MMJiTConfig, predates_released_layout, preset
+from model.mmjit import PRESETS, MMJiT, MMJiTConfig, predates_released_layout, preset, same_network
 from model.text_encoder import TextEncoderConfig
 
 PREFIX = "model.net."
@@ -142,8 +142,11 @@ def normalise(cfg: MMJiTConfig) -> tuple[MMJiTConfig, str | None]:
     """(the preset's own config, its name) when cfg has a preset's shapes, else (cfg, None): an
     imported B/16 then equals preset("B/16", ...) exactly, as `train checkpoint.init_from` expects."""
     for name in PRESETS:
-        p = preset(name, text_dim=cfg.text_dim, image_size=cfg.image_size, text_length=cfg.text_length)
-        if dataclasses.replace(cfg, mlp_ratio=p.mlp_ratio) == p and cfg.mlp_hidden == p.mlp_hidden:
+        try:
+            p = preset(name, text_dim=cfg.text_dim, image_size=cfg.image_size, text_length=cfg.text_length)
+        except ValueError:                                     # e.g. 16px is no B/32 (patch 32): not that preset
+            continue
+        if same_network(cfg, p):
             return p, name
     return cfg, None
 

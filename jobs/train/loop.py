@@ -65,7 +65,9 @@ def load_init(uri: str, which: str | None, model_cfg) -> dict[str, torch.Tensor]
     finally:
         if tmp:
             tmp.cleanup()
-    if net.config != model_cfg:
+    from model.mmjit import same_network
+
+    if not same_network(net.config, model_cfg):
         raise ValueError(f"checkpoint.init_from {uri} holds a different model config: {net.config}")
     return net.state_dict()
 

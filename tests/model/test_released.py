@@ -9,7 +9,7 @@ from model import released
 from model.checkpoint import available_weights, load_weights, read_meta
 from model.mmjit import count_params, preset
 from tests.model.released_layout import (
-    PREFIX, debug_config, fold_gains, plain_forward, port_state_names, random_state, released_config,
+    PREFIX, debug_config, fold_gains, plain_forward, port_checkpoint, port_state_names, random_state, released_config,
     released_shapes, write_released,
 )
 
@@ -161,19 +161,6 @@ def test_whole_hub_folder_needs_the_model_named(tmp_path):
     released.import_weights(tmp_path / "MiniT2I", tmp_path / "w", model="minit2i-l-16")
     w = load_file(str(tmp_path / "w" / "ema_0.99995.safetensors"))
     assert torch.equal(w["txt_embedder.weight"], states["minit2i-l-16"][PREFIX + "txt_embedder.weight"])
-
-
-def port_checkpoint(path, state, ema, **config):
-    """The port's `checkpoint_*.pt` as its save_checkpoint writes it (mini_t2i/train.py)."""
-    cfg = {"image_size": 32, "patch_size": 4, "hidden_size": 128, "text_hidden_size": 128, "t5_hidden_size": 64,
-           "depth_double": 4, "text_preamble_depth": 2, "num_heads": 4, "head_dim": 32, "mlp_ratio": 2.6667,
-           "pca_channels": 32, "prompt_length": 8, "t5_name": "tiny-t5", "compat_checkpoint_arch": False,
-           "noise_scale": 2.0, "t_lognorm_mu": -0.8, "t_lognorm_sigma": 0.8, "label_drop_rate": 0.1,
-           "n_T": 100, "cfg_scale": 2.0, "ema_decay": 0.99995, "output_dir": "/runs/b32", **config}
-    opt = {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.zeros(3)}},
-           "param_groups": [{"lr": 4e-4, "betas": (0.9, 0.95), "params": [0]}]}
-    torch.save({"step": 1200, "model": state, "ema": ema, "optimizer": opt, "config": cfg}, path)
-    return path
 
 
 def test_port_training_checkpoint_imports_raw_and_ema(tmp_path):
