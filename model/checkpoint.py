@@ -132,6 +132,9 @@ def load_weights(weights_dir: str | Path, name: str | None = None, device: str |
     if not weights_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder {weights_dir} does not exist")
     meta = read_meta(weights_dir)
+    if "lora_base" in meta:
+        raise ValueError(f"{weights_dir} holds LoRA adapters, not weights: fold them into their base with "
+                         f"`minit2i weights merge {weights_dir} OUT` and load OUT")
     names = available_weights(weights_dir)
     if not names:
         raise FileNotFoundError(f"{weights_dir} holds no .safetensors weights")

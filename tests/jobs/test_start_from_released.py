@@ -129,3 +129,5 @@ def test_lora_finetune_resumes_and_merges_into_a_weights_folder(imported, ray_se
                  f"out={tmp_path / 'merged.png'}"]) == 0
     assert main(["weights", "merge", str(base), str(tmp_path / "m2")]) == 2
     assert "holds no LoRA adapters" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds LoRA adapters, not weights: fold them into their base with"):
+        load_weights(latest(runs / "runs" / "lora"))
