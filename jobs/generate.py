@@ -10,6 +10,7 @@ is written last. Image (index i, seed s) starts from the noise `jobs.inference.i
 (i, s), the one `minit2i sample seed=s` uses for its i-th prompt, so single images can be re-made.
 
     minit2i generate prompts=prompts.txt checkpoint=outputs/runs/debug seeds=[0,1] out=gen sampler.cfg_scale=4
+    minit2i generate prompts=evaluation_metadata.jsonl checkpoint=weights/minit2i-b16 sampler.preset=geneval out=gen
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import config as config_lib
+from jobs.inference import SamplerSection
 from model.denoiser import SamplerConfig
+from pipelines import config as config_lib
 from pipelines import manifest as manifest_lib
 from pipelines import retry, storage
 
 DONE_DIR = "_done"
+DEFAULT_SAMPLER = SamplerConfig()       # Heun, 100 steps, CFG 2.0: where neither a preset nor the checkpoint says
 
 
 @dataclass
@@ -42,7 +45,7 @@ class GenerateConfig:
     preset: str = "debug"                      # preset of the fresh model when no checkpoint is given
     text_encoder: str | None = None            # override the checkpoint's text encoder
     seeds: list[int] = field(default_factory=lambda: [0])
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplerSection = field(default_factory=SamplerSection)   # preset and/or settings; unset: the checkpoint's, else DEFAULT_SAMPLER
     noise_scale: float | None = None           # ODE start noise; None = the checkpoint's training noise_scale
     limit: int | None = None                   # use only the first N prompts
     shard_size: int = 64                       # images per output shard (the unit of resumption)
@@ -151,14 +154,14 @@ class SampleShard:
     def __init__(self, cfg: dict, digest: str):
         import torch
 
-        from jobs.inference import load_model, resolve_sampler
+        from jobs.inference import load_model, sampler_settings
 
         self.cfg = config_lib.from_dict(GenerateConfig, cfg)
         self.digest = digest
         device = torch.device("cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.net, self.encoder, meta = load_model(self.cfg.checkpoint, self.cfg.weights, self.cfg.preset,
                                                   self.cfg.text_encoder, device)
-        self.sampler = resolve_sampler(self.cfg.sampler, meta, self.cfg.noise_scale)
+        self.sampler = sampler_settings(self.cfg.sampler, meta, DEFAULT_SAMPLER, self.cfg.noise_scale)
         self.settings = json.dumps(settings_of(self.cfg, meta, self.sampler), sort_keys=True)
 
     def sample(self, prompts: list[str], indices: list[int], seeds: list[int]) -> np.ndarray:
@@ -234,7 +237,11 @@ def generate_images(cfg: GenerateConfig) -> dict[str, Any]:
     if cfg.checkpoint:               # a run folder means its newest checkpoint now, for every actor and the digest
         from jobs.train.checkpoints import weights_folder
 
+        from jobs.inference import read_checkpoint_meta, sampler_settings
+
         cfg = dataclasses.replace(cfg, checkpoint=weights_folder(cfg.checkpoint))
+        # A preset or setting that contradicts the checkpoint fails here, in one line, not in the actors.
+        sampler_settings(cfg.sampler, read_checkpoint_meta(cfg.checkpoint), DEFAULT_SAMPLER, cfg.noise_scale)
     prompts = read_prompts(cfg.prompts)[: cfg.limit]
     prompts_digest, _ = storage.file_digest(cfg.prompts)
     digest = settings_digest(cfg, prompts_digest)

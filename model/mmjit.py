@@ -17,6 +17,7 @@ H heads, Dh head dim, P patch size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -264,12 +265,19 @@ class MMJiT(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
 
-        self.register_buffer("pos_embed", sincos_2d(cfg.width, cfg.grid), persistent=False)   # [N, D]
-        txt_angles = rope_angles_1d(cfg.head_dim, torch.arange(cfg.text_length), cfg.rope_theta)
-        img_angles = rope_angles_2d(cfg.head_dim, cfg.grid, cfg.rope_theta)
-        self.register_buffer("rope_text", torch.stack([txt_angles.cos(), txt_angles.sin()]).float(), persistent=False)
-        self.register_buffer("rope_image", torch.stack([img_angles.cos(), img_angles.sin()]).float(), persistent=False)
+        self.init_buffers()
         self.reset_parameters()
+
+    def init_buffers(self, device: torch.device | str | None = None):
+        """The fixed tables (positions, RoPE angles), computed, not stored: a model built on the
+        meta device gets them here after its weights are loaded with `assign=True`."""
+        cfg = self.config
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.register_buffer("pos_embed", sincos_2d(cfg.width, cfg.grid), persistent=False)   # [N, D]
+            txt_angles = rope_angles_1d(cfg.head_dim, torch.arange(cfg.text_length), cfg.rope_theta)
+            img_angles = rope_angles_2d(cfg.head_dim, cfg.grid, cfg.rope_theta)
+            self.register_buffer("rope_text", torch.stack([txt_angles.cos(), txt_angles.sin()]).float(), persistent=False)
+            self.register_buffer("rope_image", torch.stack([img_angles.cos(), img_angles.sin()]).float(), persistent=False)
 
     def reset_parameters(self):
         for m in self.modules():
@@ -395,6 +403,12 @@ PRESETS: dict[str, dict] = {
     "B/16": dict(patch_size=16, width=768, depth=17, num_heads=12, head_dim=64),
     "L/16": dict(patch_size=16, width=1248, depth=23, num_heads=24, head_dim=52, mlp_ratio=2.7),
 }
+
+
+def same_network(a: MMJiTConfig, b: MMJiTConfig) -> bool:
+    """Whether two configs build the same network: equal, except that mlp_ratio only matters through
+    the hidden size it rounds to (the port writes 8/3 as 2.6666666666666665, presets as 2.6667)."""
+    return dataclasses.replace(a, mlp_ratio=b.mlp_ratio) == b and a.mlp_hidden == b.mlp_hidden
 
 
 def preset(name: str, **overrides) -> MMJiTConfig:

@@ -34,7 +34,7 @@ from model.checkpoint import (
     META_NAME, available_weights, check_state, read_meta, rename, save_weights, upgrade_legacy,
 )
 from model.denoiser import DenoiserConfig, SamplerConfig
-from model.mmjit import PRESETS, MMJiT, MMJiTConfig, predates_released_layout, preset
+from model.mmjit import PRESETS, MMJiT, MMJiTConfig, predates_released_layout, preset, same_network
 from model.text_encoder import TextEncoderConfig
 
 PREFIX = "model.net."
@@ -42,10 +42,11 @@ TRANSFORMER_DIR = "transformer"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
-# `MiniT2IMMJiTModel`'s config fields and their defaults (minit2i-torch `diffusers/pipeline.py`):
+# `MiniT2IMMJiTModel`'s config fields and their defaults (minit2i-torch `diffusers/pipeline.py`; the
+# diffusers version as the released config.json records it, written by every export):
 # diffusers fills a field missing from config.json with its default, so import does the same.
 PORT_DEFAULTS: dict = {
-    "_class_name": "MiniT2IMMJiTModel",
+    "_class_name": "MiniT2IMMJiTModel", "_diffusers_version": "0.33.1",
     "image_size": 512, "patch_size": 16, "in_channels": 3, "txt_input_size": 1024,
     "hidden_size": 768, "txt_hidden_size": 768, "cond_vec_size": 768, "depth_double": 17,
     "txt_preamble_depth": 2, "num_heads": 12, "head_dim": 64, "mlp_ratio": 2.6666666666666665,
@@ -85,6 +86,13 @@ PUBLISHED = {
     "B/32": {"a_min": 0.05, "cfg": {"geneval": 6.0, "dpg_bench": 6.0, "coco_fid": 2.0}, "general": 2.5},
     "L/16": {"a_min": 0.01, "cfg": {"geneval": 8.5, "dpg_bench": 8.5}, "general": 6.0},
 }
+
+# The Hub's diffusers weights are the EMA, with the decay of the model's recipe (B/16 and B/32
+# 0.99995, L/16 0.9999; minit2i-jax `configs/*/finetune.yml`, the Hub model card). An import names
+# the file `ema_<decay>` so `weights=` choices and every loader's default (the highest-decay EMA)
+# read right; a folder of another shape takes `ema_decay` from the import (default the B recipe's).
+EMA_DECAY = {"B/16": 0.99995, "B/32": 0.99995, "L/16": 0.9999}
+DEFAULT_EMA_DECAY = 0.99995
 
 # The training recipe behind the released weights (minit2i-jax `configs/*/{pretrain,finetune}.yml`).
 RECIPE = DenoiserConfig(t_mu=-0.8, t_sigma=0.8, noise_scale=2.0, a_min=0.01, caption_dropout=0.1)
@@ -134,8 +142,11 @@ def normalise(cfg: MMJiTConfig) -> tuple[MMJiTConfig, str | None]:
     """(the preset's own config, its name) when cfg has a preset's shapes, else (cfg, None): an
     imported B/16 then equals preset("B/16", ...) exactly, as `train checkpoint.init_from` expects."""
     for name in PRESETS:
-        p = preset(name, text_dim=cfg.text_dim, image_size=cfg.image_size, text_length=cfg.text_length)
-        if dataclasses.replace(cfg, mlp_ratio=p.mlp_ratio) == p and cfg.mlp_hidden == p.mlp_hidden:
+        try:
+            p = preset(name, text_dim=cfg.text_dim, image_size=cfg.image_size, text_length=cfg.text_length)
+        except ValueError:                                     # e.g. 16px is no B/32 (patch 32): not that preset
+            continue
+        if same_network(cfg, p):
             return p, name
     return cfg, None
 
@@ -247,9 +258,11 @@ class ImportReport:
     seconds: float = 0.0
 
 
-def import_weights(src: str | Path, out: str | Path, model: str | None = None) -> ImportReport:
+def import_weights(src: str | Path, out: str | Path, model: str | None = None,
+                   ema_decay: float | None = None) -> ImportReport:
     """A released diffusers folder (a transformer folder, a model folder, or the whole Hub folder with
-    `model` naming one) or a port `.pt` -> our weights folder `out`. `out` appears only complete."""
+    `model` naming one) or a port `.pt` -> our weights folder `out`. `out` appears only complete.
+    `ema_decay` names a diffusers folder's (EMA) weights; default: the released model's decay."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -262,7 +275,7 @@ def import_weights(src: str | Path, out: str | Path, model: str | None = None) -
         if src.is_file():
             report = _import_port(src, tmp)
         else:
-            report = _import_diffusers(find_transformer(src, model), tmp)
+            report = _import_diffusers(find_transformer(src, model), tmp, ema_decay)
         if out.exists():
             out.rmdir()                                        # an empty folder the user made
         os.replace(tmp, out)
@@ -272,7 +285,7 @@ def import_weights(src: str | Path, out: str | Path, model: str | None = None) -
     return report
 
 
-def _import_diffusers(folder: Path, tmp: Path) -> ImportReport:
+def _import_diffusers(folder: Path, tmp: Path, ema_decay: float | None) -> ImportReport:
     raw, tensors = read_transformer(folder)
     cfg, name, c, unused = released_to_ours({k: v.shape for k, v in tensors.items()}, raw, str(folder))
     state = {k[len(PREFIX):]: v for k, v in tensors.items() if k not in unused}
@@ -282,10 +295,13 @@ def _import_diffusers(folder: Path, tmp: Path) -> ImportReport:
         sampling = {"default": dataclasses.asdict(SamplerConfig(
             sampler="euler", steps=int(c["n_T"]), cfg_scale=SamplerConfig.cfg_scale,
             cfg_interval=tuple(c["cfg_interval"]), noise_scale=RECIPE.noise_scale, a_min=0.05))}
+    decay = float(ema_decay if ema_decay is not None else EMA_DECAY.get(name or "", DEFAULT_EMA_DECAY))
     extra = {"preset": name, "sampling": sampling, "diffusers_config": c,
-             "imported_from": {"format": "diffusers", "path": str(folder.resolve())}}
-    save_weights(tmp, state, cfg, text_encoder, RECIPE, name="model", extra=extra)
-    return ImportReport(tmp, name, ["model"], {k: list(tensors[k].shape) for k in unused})
+             "imported_from": {"format": "diffusers", "path": str(folder.resolve()), "ema_decay": decay,
+                               "ema_decay_source": "given" if ema_decay is not None
+                               else "published" if name in EMA_DECAY else "assumed (B recipe)"}}
+    save_weights(tmp, state, cfg, text_encoder, RECIPE, name=f"ema_{decay}", extra=extra)
+    return ImportReport(tmp, name, [f"ema_{decay}"], {k: list(tensors[k].shape) for k in unused})
 
 
 def _import_port(path: Path, tmp: Path) -> ImportReport:

@@ -21,16 +21,20 @@ MOMENTS_NAME = "optimizer.safetensors"
 
 def checkpoint_problem(uri: str) -> str | None:
     """None if `uri` is a complete checkpoint this job wrote, else what is wrong with it."""
-    for name in (STATE_NAME, MOMENTS_NAME, "model.safetensors", "model.json"):
+    from jobs.train import lora
+
+    for name in (STATE_NAME, MOMENTS_NAME, "model.json"):
         if not storage.exists(storage.join(uri, name)):
             return f"it has no {name}"
     try:
         state = json.loads(storage.read_bytes(storage.join(uri, STATE_NAME)))
     except ValueError as err:
         return f"{STATE_NAME} is unreadable: {err}"
-    for d in state.get("ema_decays", []):
-        if not storage.exists(storage.join(uri, f"ema_{d}.safetensors")):
-            return f"it has no ema_{d}.safetensors"
+    adapters = bool(state.get("lora_base"))
+    for name in [lora.WEIGHTS_NAME if adapters else "model.safetensors"] + [
+            f"ema_{d}/{lora.WEIGHTS_NAME}" if adapters else f"ema_{d}.safetensors" for d in state.get("ema_decays", [])]:
+        if not storage.exists(storage.join(uri, name)):
+            return f"it has no {name}"
     return None
 
 
@@ -91,11 +95,13 @@ def local_copy(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
     import pyarrow.fs as pafs
 
     tmp = tempfile.TemporaryDirectory()
-    for f in storage.list_files(uri):
-        name = f.rsplit("/", 1)[-1]
-        if name == "model.json" or (name.endswith(".safetensors") and name != MOMENTS_NAME):
+    for f in storage.list_files(uri, recursive=True):
+        rel = f[len(uri.rstrip("/")) + 1:]                  # a LoRA checkpoint keeps EMA adapters in ema_<decay>/
+        name = rel.rsplit("/", 1)[-1]
+        if name in ("model.json", "adapter_config.json") or (name.endswith(".safetensors") and name != MOMENTS_NAME):
             fs, path = storage.resolve(f)
-            pafs.copy_files(path, os.path.join(tmp.name, name), source_filesystem=fs,
+            os.makedirs(os.path.dirname(os.path.join(tmp.name, rel)), exist_ok=True)
+            pafs.copy_files(path, os.path.join(tmp.name, rel), source_filesystem=fs,
                             destination_filesystem=pafs.LocalFileSystem())
     return tmp.name, tmp
 
@@ -104,27 +110,47 @@ def read_checkpoint(path: str) -> dict:
     """(weights, moments, ema per decay, state) from a checkpoint folder on local disk."""
     from safetensors.torch import load_file
 
+    from jobs.train.lora import read_adapters
+
     try:
         state = json.loads(open(os.path.join(path, STATE_NAME)).read())
-        out = {"state": state, "weights": load_file(os.path.join(path, "model.safetensors")),
-               "moments": load_file(os.path.join(path, MOMENTS_NAME)), "ema": {}}
-        for d in state.get("ema_decays", []):
-            out["ema"][float(d)] = load_file(os.path.join(path, f"ema_{d}.safetensors"))
+        out = {"state": state, "moments": load_file(os.path.join(path, MOMENTS_NAME)), "ema": {}}
+        if state.get("lora_base"):                          # a LoRA run: adapters in peft's layout
+            out["weights"] = read_adapters(path)[1]
+            for d in state.get("ema_decays", []):
+                out["ema"][float(d)] = read_adapters(os.path.join(path, f"ema_{d}"))[1]
+        else:
+            out["weights"] = load_file(os.path.join(path, "model.safetensors"))
+            for d in state.get("ema_decays", []):
+                out["ema"][float(d)] = load_file(os.path.join(path, f"ema_{d}.safetensors"))
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"checkpoint {path} is unreadable: {err}") from err
     return out
 
 
-def write_checkpoint(path: str, weights, moments, emas, state: dict, model_cfg, text_encoder, denoiser) -> None:
-    """Weights, EMA copies and Adam moments as safetensors plus train_state.json, into a local folder."""
+def write_checkpoint(path: str, weights, moments, emas, state: dict, model_cfg, text_encoder, denoiser, lora=None) -> None:
+    """Weights, EMA copies and Adam moments as safetensors plus train_state.json, into a local folder.
+    A LoRA run (`lora` enabled, state["lora_base"] naming the frozen weights) writes its adapters in
+    peft's layout instead (top level and `ema_<decay>/`), and a model.json with no weights beside it:
+    `minit2i weights merge` makes the weights folder."""
     from safetensors.torch import save_file
 
-    from model.checkpoint import save_weights
+    from model.checkpoint import save_meta, save_weights
 
     extra = {"step": state["step"]}
-    save_weights(path, weights, model_cfg, text_encoder, denoiser, name="model", extra=extra)
-    for d, sd in emas.items():
-        save_weights(path, sd, model_cfg, text_encoder, denoiser, name=f"ema_{d}", extra=extra)
+    if lora is not None and lora.enabled:
+        from jobs.train.lora import save_adapters
+        from pipelines import config as config_lib
+
+        save_adapters(path, weights, lora)
+        for d, sd in emas.items():
+            save_adapters(os.path.join(path, f"ema_{d}"), sd, lora)
+        save_meta(path, model_cfg, text_encoder, denoiser,
+                  {**extra, "lora": config_lib.to_dict(lora), "lora_base": state["lora_base"]})
+    else:
+        save_weights(path, weights, model_cfg, text_encoder, denoiser, name="model", extra=extra)
+        for d, sd in emas.items():
+            save_weights(path, sd, model_cfg, text_encoder, denoiser, name=f"ema_{d}", extra=extra)
     save_file(moments, os.path.join(path, MOMENTS_NAME))
     with open(os.path.join(path, STATE_NAME), "w") as f:
         json.dump(state, f, indent=2, sort_keys=True)

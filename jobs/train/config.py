@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from jobs.evaluate import MetricsConfig
 from jobs.train.data import DataConfig
+from jobs.train.lora import LoRAConfig
 from jobs.train.step import EMAConfig, ModelConfig, OptimConfig
 from model.denoiser import DenoiserConfig, SamplerConfig
 from model.text_encoder import TextEncoderConfig
@@ -69,6 +70,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)        # adapters on checkpoint.init_from's frozen weights
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     logging: LoggingSection = field(default_factory=LoggingSection)

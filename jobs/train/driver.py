@@ -45,7 +45,34 @@ def check(cfg: TrainConfig) -> tuple[int, int]:
             require_tracker(module, key)
     if cfg.eval.every and cfg.eval.prompts and not storage.exists(cfg.eval.prompts):
         raise FileNotFoundError(f"eval.prompts {cfg.eval.prompts} does not exist")
+    if cfg.lora.enabled:
+        check_lora(cfg)
     return cfg.optim.accumulation(G // W)
+
+
+def check_lora(cfg: TrainConfig) -> None:
+    """A LoRA run's settings, before any worker starts."""
+    import torch
+
+    from jobs.train.lora import linear_names
+    from model.mmjit import MMJiT
+
+    if not cfg.checkpoint.init_from:
+        raise ValueError("lora.enabled needs checkpoint.init_from: the weights the adapters are trained on (e.g. an "
+                         "imported folder from `minit2i weights import`)")
+    if cfg.optim.zero_stage == 3:
+        raise ValueError("lora with optim.zero_stage=3 is not supported (ZeRO-3 would partition the frozen base "
+                         "weights); use zero_stage 1 or 2")
+    if cfg.eval.every or cfg.logging.sample_every:
+        # TODO: sample the merged EMA in the loop; until then merge a checkpoint and evaluate that.
+        raise ValueError("lora runs do not yet sample during training (eval.every, logging.sample_every): set them "
+                         "to 0, then `minit2i weights merge RUN OUT` and `minit2i eval generate.checkpoint=OUT`")
+    with torch.device("meta"):
+        names = linear_names(MMJiT(cfg.model.build(8, 8)))
+    unknown = [t for t in cfg.lora.target_modules if t not in names]
+    if unknown:
+        raise ValueError(f"lora.target_modules: {', '.join(map(repr, unknown))} names no linear layer of MM-JiT; "
+                         f"its linear layers are {', '.join(names)}")
 
 
 def check_text_features(cfg: TrainConfig, index) -> None:

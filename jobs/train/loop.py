@@ -38,6 +38,8 @@ def start_state(cfg: TrainConfig, index, world: int, rank: int, own_checkpoint: 
         if rank == 0:
             print(f"[train] resuming at step {st['step']} (sample {st['step'] * cfg.data.batch_size}) from {ckpt.path}, "
                   f"saved by {st['world_size']} workers, now {world}", flush=True)
+        if st.get("lora_base"):                   # the frozen weights the adapters sit on, as the run recorded them
+            return st["step"], resumed, load_init(st["lora_base"]["path"], st["lora_base"]["weights"], model_cfg)
         return st["step"], resumed, resumed["weights"]
     if own_checkpoint:
         raise RuntimeError(f"{own_checkpoint} is a checkpoint of this run, but Ray Train restored none "
@@ -50,17 +52,23 @@ def start_state(cfg: TrainConfig, index, world: int, rank: int, own_checkpoint: 
 
 def init_weights(cfg: TrainConfig, model_cfg) -> dict[str, torch.Tensor]:
     """checkpoint.init_from's weights (a finetune's start), checked against this run's model."""
+    return load_init(cfg.checkpoint.init_from, cfg.checkpoint.init_weights, model_cfg)
+
+
+def load_init(uri: str, which: str | None, model_cfg) -> dict[str, torch.Tensor]:
     from jobs.train.checkpoints import local_copy
     from model.checkpoint import load_weights
 
-    path, tmp = local_copy(cfg.checkpoint.init_from)
+    path, tmp = local_copy(uri)
     try:
-        net, _ = load_weights(path, cfg.checkpoint.init_weights)
+        net, _ = load_weights(path, which)
     finally:
         if tmp:
             tmp.cleanup()
-    if net.config != model_cfg:
-        raise ValueError(f"checkpoint.init_from {cfg.checkpoint.init_from} holds a different model config: {net.config}")
+    from model.mmjit import same_network
+
+    if not same_network(net.config, model_cfg):
+        raise ValueError(f"checkpoint.init_from {uri} holds a different model config: {net.config}")
     return net.state_dict()
 
 
@@ -154,7 +162,15 @@ def train_loop(loop_config: dict) -> None:
 
     start_step, resumed, weights = start_state(cfg, index, world, rank, loop_config["own_checkpoint"], model_cfg)
     data_cfg = with_partitions(cfg.data, world)
-    engine, precision = build_engine(model_cfg, cfg.optim, b, device, weights, init_seed=cfg.data.seed)
+    lora_base = None
+    if cfg.lora.enabled:
+        lora_base = (resumed["state"].get("lora_base") if resumed is not None
+                     else {"path": cfg.checkpoint.init_from, "weights": cfg.checkpoint.init_weights})
+        if lora_base is None:
+            raise ValueError("lora.enabled, but the checkpoint to resume holds full weights, not LoRA adapters; "
+                             "start a new run with checkpoint.init_from=<that checkpoint>")
+    engine, precision = build_engine(model_cfg, cfg.optim, b, device, weights, init_seed=cfg.data.seed, lora=cfg.lora,
+                                     adapters=resumed["weights"] if resumed is not None and lora_base else None)
     if resumed is not None:
         load_moments(engine, resumed["moments"], start_step)
     ema = ShardedEMA(engine, cfg.ema.decays, init=resumed["ema"] if resumed else None)
@@ -182,8 +198,10 @@ def train_loop(loop_config: dict) -> None:
                      "data_fingerprint": index.fingerprint, "seed": cfg.data.seed,
                      "order": order_settings(data_cfg),
                      "ema_decays": [str(d) for d in emas_], "skipped": int(metrics.get("skipped", 0))}
+            if lora_base:
+                state["lora_base"] = lora_base
             write_checkpoint(tmp, weights_, moments_, {str(d): sd for d, sd in emas_.items()}, state, model_cfg,
-                             cfg.text_encoder, cfg.denoiser)
+                             cfg.text_encoder, cfg.denoiser, cfg.lora)
             if eval_grid:                                          # the scores' images travel with the weights
                 shutil.copyfile(eval_grid, os.path.join(tmp, "eval_grid.png"))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

@@ -196,7 +196,7 @@ class ShardedEMA:
 
     def __init__(self, engine, decays: list[float], init: dict[float, dict[str, torch.Tensor]] | None = None):
         self.stage = engine.zero_optimization_stage()
-        self.params = dict(engine.module.named_parameters())
+        self.params = trainable(engine.module)
         self.decays = [float(d) for d in decays]
         live = self._live()
         self.names = [n for n, s in live.items() if s is not None]
@@ -242,14 +242,25 @@ class ShardedEMA:
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters the optimiser steps, by name (all of them, or a LoRA run's adapters)."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
 def build_engine(model_cfg: MMJiTConfig, optim: OptimConfig, batch: int, device: torch.device,
-                 weights: dict[str, torch.Tensor] | None = None, init_seed: int = 0):
+                 weights: dict[str, torch.Tensor] | None = None, init_seed: int = 0,
+                 lora=None, adapters: dict[str, torch.Tensor] | None = None):
     """(DeepSpeed engine, precision) for a per-worker batch of `batch` images per optimiser step
     (in optim.micro_batch passes). Weights, if given, are loaded before ZeRO partitions them;
     otherwise the initial weights are a function of `init_seed` (DeepSpeed broadcasts rank 0's),
-    so two runs of the same config start from the same model."""
+    so two runs of the same config start from the same model. With `lora` (jobs/train/lora.py,
+    enabled) the loaded weights are frozen and LoRA adapters (`adapters` when resuming) are what
+    trains; ZeRO partitions only them."""
     import deepspeed
 
+    if lora is not None and lora.enabled and optim.zero_stage == 3:
+        raise ValueError("lora with optim.zero_stage=3 is not supported: ZeRO-3 would partition the frozen base "
+                         "weights too; use zero_stage 1 or 2 (the adapters are small)")
     ensure_process_group(device)
     precision = resolve_precision(optim, device)
     with torch.random.fork_rng(devices=[]):
@@ -259,12 +270,20 @@ def build_engine(model_cfg: MMJiTConfig, optim: OptimConfig, batch: int, device:
         missing, unexpected = net.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise ValueError(f"initial weights do not match the model config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if lora is not None and lora.enabled:
+        from jobs.train.lora import apply_lora, load_adapters
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)                   # the same adapter init on every rank and run
+            apply_lora(net, lora)
+        if adapters is not None:
+            load_adapters(net, adapters, "the checkpoint's adapters")
     if optim.activation_checkpointing:
         apply_activation_checkpointing(net)
     net.to(device)
     # A torch optimiser: DeepSpeed's FusedAdam needs a GPU build; AdamW with these betas is the recipe,
     # fused into one kernel per parameter group on a GPU.
-    opt = torch.optim.AdamW(net.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+    opt = torch.optim.AdamW(list(trainable(net).values()), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
                             fused=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=net, optimizer=opt,
                                       config=deepspeed_config(optim, batch, dist.get_world_size(), precision))
@@ -276,11 +295,11 @@ def build_engine(model_cfg: MMJiTConfig, optim: OptimConfig, batch: int, device:
 
 
 def full_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(fp32 weights, Adam moments) as full CPU tensors by parameter name; a collective."""
+    """(fp32 weights, Adam moments) of the trained parameters as full CPU tensors by name; a collective."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     weights, moments = {}, {}
-    for name, p in engine.module.named_parameters():
+    for name, p in trainable(engine.module).items():
         weights[name] = safe_get_full_fp32_param(p).cpu()
         for key in OPT_KEYS:
             moments[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key).cpu()
@@ -302,7 +321,7 @@ def load_moments(engine, moments: dict[str, torch.Tensor], step: int) -> None:
         # ZeRO-1/2 link each parameter's fragment to the state tensors after the first step; do it now.
         for i, _ in enumerate(inner.param_groups):
             lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], zero.single_partition_of_fp32_groups[i], inner.state)
-    for name, p in engine.module.named_parameters():
+    for name, p in trainable(engine.module).items():
         for key in OPT_KEYS:
             value = moments.get(f"{key}/{name}")
             if value is None:

@@ -7,6 +7,10 @@ weights file (every EMA decay the checkpoint keeps, and the raw weights). A tria
 prompt subsets and reports after each, so ASHA stops poor settings after the first, cheapest one.
 
     minit2i tune sampling --config jobs/configs/tune_sampling.yaml checkpoint=outputs/runs/debug
+    minit2i tune sampling checkpoint=weights/minit2i-b16 preset=geneval "space={cfg_scale: {grid: [4.5, 6, 7.5]}, weights: {grid: all}}"
+
+A key the space does not search comes from `preset` (jobs/configs/samplers.yaml, or the
+checkpoint's own published settings), else the checkpoint's default, else TRIAL_DEFAULT.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pipelines import config as config_lib
 from pipelines import storage
 
 ALL_WEIGHTS = "all"     # in `weights`' choice/grid: every weights file of the checkpoint
+TRIAL_DEFAULT = SamplerConfig(sampler="heun", steps=32, cfg_scale=2.0)
 
 
 def default_sampling_space() -> dict[str, Any]:
@@ -43,6 +48,7 @@ def default_sampling_space() -> dict[str, Any]:
 @dataclass
 class SamplingTuneConfig:
     checkpoint: str = ""                                     # weights folder, checkpoint or run folder (its newest)
+    preset: str | None = None                                # sampler preset for the keys the space does not search
     text_encoder: str | None = None                          # override the checkpoint's text encoder
     prompts: str | None = None                               # prompt file; None = `subsets[-1]` world prompts
     subsets: list[int] = field(default_factory=lambda: [8, 16, 32])   # growing prompt counts = ASHA rungs
@@ -72,15 +78,14 @@ def expand_weights(space: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return space
 
 
-def sampler_from(config: dict, meta: dict) -> SamplerConfig:
-    """A trial's sampler; the noise scale is the checkpoint's training value unless searched."""
-    from jobs.inference import resolve_sampler
+def sampler_from(config: dict, meta: dict, preset: str | None = None) -> SamplerConfig:
+    """A trial's sampler: the searched keys, the rest from the preset or the checkpoint (jobs/inference.py);
+    the noise scale is the checkpoint's training value unless searched."""
+    from jobs.inference import SamplerSection, sampler_settings
 
-    interval = config.get("cfg_interval")
-    sampler = SamplerConfig(sampler=config.get("sampler", "heun"), steps=int(config.get("steps", 32)),
-                            cfg_scale=float(config.get("cfg_scale", 2.0)), cfg_interval=tuple(interval) if interval else None,
-                            time_shift=float(config.get("time_shift", 1.0)))
-    return resolve_sampler(sampler, meta, config.get("noise_scale"))
+    keys = ("sampler", "steps", "cfg_scale", "cfg_interval", "time_shift", "noise_scale")
+    section = config_lib.from_dict(SamplerSection, {"preset": preset, **{k: config[k] for k in keys if k in config}})
+    return sampler_settings(section, meta, TRIAL_DEFAULT)
 
 
 def _report(metrics: dict, files: dict) -> None:
@@ -105,7 +110,7 @@ def sampling_trial(config: dict, setup: dict) -> None:
     prompts: list[str] = setup["prompts"]
     device = torch.device("cuda" if cfg.run.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
     net, encoder, meta = load_model(cfg.checkpoint, config.get("weights"), "debug", cfg.text_encoder, device)
-    sampler = sampler_from(config, meta)
+    sampler = sampler_from(config, meta, cfg.preset)
     scorers = Scorers(cfg.metrics)
     patch = cfg.metrics.patch_size or net.config.patch_size
 
@@ -155,6 +160,7 @@ def run_sampling(cfg: SamplingTuneConfig, callbacks: list | None = None) -> dict
         raise ValueError("tune sampling needs checkpoint=<weights folder, checkpoint or run folder>")
     cfg.checkpoint = weights_folder(cfg.checkpoint)   # a clear error here, not inside every trial; one folder for all
     cfg.space = expand_weights(cfg.space, weight_files(cfg.checkpoint))
+    check_space(cfg)                                  # the preset and noise against the checkpoint, before any trial
     n = max(cfg.subsets)
     prompts = [r["prompt"] for r in read_prompts(cfg.prompts)] if cfg.prompts else random_prompts(n, seed=0)
     if len(prompts) < n:
@@ -172,13 +178,25 @@ def run_sampling(cfg: SamplingTuneConfig, callbacks: list | None = None) -> dict
     return {"best": best, "table": out["rows"], "interrupted": out["interrupted"], "resumed": out["resumed"]}
 
 
+def check_space(cfg: SamplingTuneConfig) -> None:
+    """A clear error before the sweep for a preset or a searched noise scale the checkpoint refuses."""
+    from jobs.inference import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(cfg.checkpoint)
+    sampler_from({}, meta, cfg.preset)
+    if cfg.space.get("noise_scale") is not None and "sampling" in meta:
+        raise ValueError(f"space.noise_scale searches the start noise, but {cfg.checkpoint} publishes the noise its "
+                         f"weights were trained with ({meta['denoiser']['noise_scale']}, model.json); "
+                         "leave noise_scale out of the space (null)")
+
+
 def best_config(cfg: SamplingTuneConfig, row: dict) -> dict:
     """The best trial as a GenerateConfig section (`minit2i generate --config best_config.yaml`)."""
-    from model.checkpoint import META_NAME
+    from jobs.inference import read_checkpoint_meta
 
     conf = row["_config"]
-    meta = json.loads(storage.read_bytes(storage.join(cfg.checkpoint, META_NAME)))
-    sampler = sampler_from(conf, meta)
+    meta = read_checkpoint_meta(cfg.checkpoint)
+    sampler = sampler_from(conf, meta, cfg.preset)
     return {"checkpoint": cfg.checkpoint, "weights": conf.get("weights"), "text_encoder": cfg.text_encoder,
             "sampler": config_lib.to_dict(sampler), "noise_scale": sampler.noise_scale}
 
@@ -186,7 +204,7 @@ def best_config(cfg: SamplingTuneConfig, row: dict) -> dict:
 def best_header(row: dict, best: dict) -> str:
     s = best["sampler"]
     keys = [f"checkpoint={best['checkpoint']}", f"sampler.sampler={s['sampler']}", f"sampler.steps={s['steps']}",
-            f"sampler.cfg_scale={s['cfg_scale']}", f"sampler.time_shift={s['time_shift']}",
+            f"sampler.cfg_scale={s['cfg_scale']}", f"sampler.time_shift={s['time_shift']}", f"sampler.a_min={s['a_min']}",
             f"noise_scale={best['noise_scale']}"]
     if best.get("weights"):
         keys.append(f"weights={best['weights']}")

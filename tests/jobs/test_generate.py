@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jobs.generate import GenerateConfig, generate_images, load_generated, read_prompts
-from jobs.inference import load_model, sample_images
+from jobs.inference import SamplerSection, load_model, sample_images
 from model.denoiser import SamplerConfig
 from pipelines import manifest
 from tests.jobs.metrics.helpers import make_checkpoint, write_prompts
@@ -20,7 +20,7 @@ def ckpt(tmp_path_factory):
 def _cfg(tmp_path, ckpt, **kw):
     return GenerateConfig(prompts=str(write_prompts(tmp_path / "p.txt", CAPTIONS)), out=str(tmp_path / "out"),
                           checkpoint=str(ckpt), seeds=[0, 1], shard_size=4, batch_size=3,
-                          sampler=SamplerConfig(sampler="euler", steps=2, cfg_scale=2.0), **kw)
+                          sampler=SamplerSection(sampler="euler", steps=2, cfg_scale=2.0), **kw)
 
 
 def test_generate_writes_shards_and_resumes(ray_session, tmp_path, ckpt):

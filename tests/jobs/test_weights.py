@@ -17,7 +17,7 @@ def test_import_sample_and_export_from_the_command_line(tmp_path, capsys):
 
     assert main(["weights", "import", str(tmp_path / "MiniT2I"), str(tmp_path / "b16"), "model=minit2i-b-16"]) == 0
     out = capsys.readouterr().out
-    assert "preset debug, weights model" in out and f"dropped (stored, never used by the forward): {PREFIX}pooled_embedder.weight [128, 64]" in out
+    assert "preset debug, weights ema_0.99995" in out and f"dropped (stored, never used by the forward): {PREFIX}pooled_embedder.weight [128, 64]" in out
     assert read_meta(tmp_path / "b16")["text_encoder"]["name_or_path"] == str(t5)
 
     proc = run_cli("sample", f"checkpoint={tmp_path / 'b16'}", "prompts=[a red circle]", "sampler.steps=2",

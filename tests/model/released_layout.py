@@ -4,7 +4,8 @@
   holds, from the published description (CONTEXT.md "Released weights": names under `model.net.`,
   hidden = (int(D * mlp_ratio) + 7) // 8 * 8, the timestep and pooled embedders stored unused),
   and `released_config` the `config.json` fields of minit2i-torch's `MiniT2IMMJiTModel`.
-- `port_state_names` renames them to the port's training module (`mini_t2i/model.py`).
+- `port_state_names` renames them to the port's training module (`mini_t2i/model.py`), and
+  `port_checkpoint` writes its training checkpoint `.pt`.
 - `plain_forward` is the reference network as plain tensor code (einsum attention, the text stream
   updated in every block, the final norm over [text; image]); its block and final norms have no
   gain, so `fold_gains` must fold them into the following linear weights first. The q/k-norm gains
@@ -205,3 +206,16 @@ def plain_forward(s: dict[str, torch.Tensor], c: dict, x, text, mask) -> torch.T
     out = lin(_rms(torch.cat([txt, img], 1)), "final_layer.linear")[:, L:]   # [B, N, P*P*C]
     out = out.reshape(B, g, g, P, P, C)
     return torch.einsum("nhwpqc->nchpwq", out).reshape(B, C, g * P, g * P)
+
+
+def port_checkpoint(path, state, ema, **config):
+    """The port's `checkpoint_*.pt` as its save_checkpoint writes it (mini_t2i/train.py)."""
+    cfg = {"image_size": 32, "patch_size": 4, "hidden_size": 128, "text_hidden_size": 128, "t5_hidden_size": 64,
+           "depth_double": 4, "text_preamble_depth": 2, "num_heads": 4, "head_dim": 32, "mlp_ratio": 2.6667,
+           "pca_channels": 32, "prompt_length": 8, "t5_name": "tiny-t5", "compat_checkpoint_arch": False,
+           "noise_scale": 2.0, "t_lognorm_mu": -0.8, "t_lognorm_sigma": 0.8, "label_drop_rate": 0.1,
+           "n_T": 100, "cfg_scale": 2.0, "ema_decay": 0.99995, "output_dir": "/runs/b32", **config}
+    opt = {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.zeros(3)}},
+           "param_groups": [{"lr": 4e-4, "betas": (0.9, 0.95), "params": [0]}]}
+    torch.save({"step": 1200, "model": state, "ema": ema, "optimizer": opt, "config": cfg}, path)
+    return path

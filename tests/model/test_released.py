@@ -9,7 +9,7 @@ from model import released
 from model.checkpoint import available_weights, load_weights, read_meta
 from model.mmjit import count_params, preset
 from tests.model.released_layout import (
-    PREFIX, debug_config, fold_gains, plain_forward, port_state_names, random_state, released_config,
+    PREFIX, debug_config, fold_gains, plain_forward, port_checkpoint, port_state_names, random_state, released_config,
     released_shapes, write_released,
 )
 
@@ -52,12 +52,15 @@ def test_released_key_set_and_shapes_of_full_size_models_on_the_meta_device(name
 def test_import_then_export_is_bit_identical(release, tmp_path):
     model_dir, c, state = release
     report = released.import_weights(model_dir, tmp_path / "w")
-    assert report.preset == "debug" and report.weights == ["model"] and len(report.dropped) == 5
+    # The Hub's weights are the EMA: named so, and what every loader picks by default.
+    assert report.preset == "debug" and report.weights == ["ema_0.99995"] and len(report.dropped) == 5
     meta = read_meta(tmp_path / "w")
+    assert meta["imported_from"]["ema_decay_source"] == "assumed (B recipe)"
+    assert load_weights(tmp_path / "w")[1]["weights"] == "ema_0.99995"
     assert meta["model"] == meta["model"] | {"text_dim": 64, "image_size": 32, "text_length": 8}
     assert meta["text_encoder"]["name_or_path"] == "tiny-t5" and meta["denoiser"]["noise_scale"] == 2.0
     assert meta["sampling"]["default"]["sampler"] == "euler" and meta["sampling"]["default"]["steps"] == 100
-    w = load_file(str(tmp_path / "w" / "model.safetensors"))
+    w = load_file(str(tmp_path / "w" / "ema_0.99995.safetensors"))
     for k, v in w.items():
         assert torch.equal(v, state[PREFIX + k])
 
@@ -66,8 +69,8 @@ def test_import_then_export_is_bit_identical(release, tmp_path):
     assert exported_config == c                                  # every field as the release wrote it
     exported = load_file(str(out / "diffusion_pytorch_model.safetensors"))
     assert {k: tuple(v.shape) for k, v in exported.items()} == released_shapes(c)   # a strict loader's key set
-    released.import_weights(tmp_path / "exported", tmp_path / "w2")
-    w2 = load_file(str(tmp_path / "w2" / "model.safetensors"))
+    released.import_weights(tmp_path / "exported", tmp_path / "w2", ema_decay=0.9999)
+    w2 = load_file(str(tmp_path / "w2" / "ema_0.9999.safetensors"))
     assert w2.keys() == w.keys()
     assert all(w2[k].dtype == w[k].dtype and torch.equal(w2[k], w[k]) for k in w)
     assert read_meta(tmp_path / "w2")["model"] == meta["model"]
@@ -85,6 +88,7 @@ def test_export_of_a_model_trained_here_loads_as_the_released_layout(tmp_path):
     out = released.export_diffusers(tmp_path / "ours", tmp_path / "exported")
     c = json.loads((out / "config.json").read_text())
     assert c["_class_name"] == "MiniT2IMMJiTModel" and c["cond_vec_size"] == 128 and c["prediction"] == "x"
+    assert c["_diffusers_version"] == "0.33.1"                        # as the released config.json carries it
     tensors = load_file(str(out / "diffusion_pytorch_model.safetensors"))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == released_shapes(c)
     assert not tensors[PREFIX + "pooled_embedder.weight"].any()      # stored for strict loaders, never read
@@ -155,21 +159,8 @@ def test_whole_hub_folder_needs_the_model_named(tmp_path):
         released.import_weights(tmp_path / "MiniT2I" / "minit2i-b-16", tmp_path / "w", model="minit2i-l-16")
     released.import_weights(tmp_path / "MiniT2I" / "minit2i-b-16" / "transformer", tmp_path / "b", model="minit2i-b-16")
     released.import_weights(tmp_path / "MiniT2I", tmp_path / "w", model="minit2i-l-16")
-    w = load_file(str(tmp_path / "w" / "model.safetensors"))
+    w = load_file(str(tmp_path / "w" / "ema_0.99995.safetensors"))
     assert torch.equal(w["txt_embedder.weight"], states["minit2i-l-16"][PREFIX + "txt_embedder.weight"])
-
-
-def port_checkpoint(path, state, ema, **config):
-    """The port's `checkpoint_*.pt` as its save_checkpoint writes it (mini_t2i/train.py)."""
-    cfg = {"image_size": 32, "patch_size": 4, "hidden_size": 128, "text_hidden_size": 128, "t5_hidden_size": 64,
-           "depth_double": 4, "text_preamble_depth": 2, "num_heads": 4, "head_dim": 32, "mlp_ratio": 2.6667,
-           "pca_channels": 32, "prompt_length": 8, "t5_name": "tiny-t5", "compat_checkpoint_arch": False,
-           "noise_scale": 2.0, "t_lognorm_mu": -0.8, "t_lognorm_sigma": 0.8, "label_drop_rate": 0.1,
-           "n_T": 100, "cfg_scale": 2.0, "ema_decay": 0.99995, "output_dir": "/runs/b32", **config}
-    opt = {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.zeros(3)}},
-           "param_groups": [{"lr": 4e-4, "betas": (0.9, 0.95), "params": [0]}]}
-    torch.save({"step": 1200, "model": state, "ema": ema, "optimizer": opt, "config": cfg}, path)
-    return path
 
 
 def test_port_training_checkpoint_imports_raw_and_ema(tmp_path):

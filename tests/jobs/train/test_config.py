@@ -34,5 +34,12 @@ def test_every_config_file_loads_as_its_command_config():
             config_lib.load(cls, ROOT / f"jobs/configs/{name}.yaml")
     for action, name in (("sampling", "tune_sampling"), ("schedule", "tune_schedule")):
         config_lib.load(_load(COMMANDS["tune"].actions[action].config), ROOT / f"jobs/configs/{name}.yaml")
+    # samplers.yaml: named sampler settings, each a full SamplerConfig and the model it was published for.
+    from jobs.inference import sampler_presets
+    from model.denoiser import SamplerConfig
+
+    for name, entry in sampler_presets().items():
+        assert set(entry.pop("model")) == {"image_size", "text_length"}, name
+        config_lib.from_dict(SamplerConfig, entry)
     assert sorted(p.stem for p in (ROOT / "jobs/configs").glob("*.yaml")) == sorted(
-        [n for names in by_command.values() for n in names] + ["tune_sampling", "tune_schedule"])
+        [n for names in by_command.values() for n in names] + ["tune_sampling", "tune_schedule", "samplers"])
