@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from jobs.train.checkpoints import STATE_NAME, check_resume, newest_checkpoint, resume_checkpoint, weights_folder
+from jobs.train import feedback
 from jobs.train.config import TrainConfig
 from jobs.train.tracking import require_tracker, run_id
 from pipelines import config as config_lib
@@ -43,6 +44,7 @@ def check(cfg: TrainConfig) -> tuple[int, int]:
     for key, module in (("wandb_project", "wandb"), ("mlflow_tracking_uri", "mlflow")):
         if getattr(cfg.logging, key):
             require_tracker(module, key)
+    feedback.check(cfg.data.feedback)
     if cfg.eval.every and cfg.eval.prompts and not storage.exists(cfg.eval.prompts):
         raise FileNotFoundError(f"eval.prompts {cfg.eval.prompts} does not exist")
     return cfg.optim.accumulation(G // W)
