@@ -104,28 +104,56 @@ def test_bad_feedback_settings_are_one_line_errors(squares, tmp_path, cli):
     assert code == 2 and "without a checker" in err and "\n" not in err
 
 
-def test_critic_job_labels_trains_a_resnet_and_scores_every_row(ray_session, world_data, tmp_path):
-    """The real Ray task on the debug model: samples, world checks, torchvision ResNet-18, scores;
-    the scores then change the order as configured (hard rows repeated)."""
-    import torch
+FEEDBACK_RUN = ["data.partitions=2", "checkpoint.every=2", "logging.every=2",
+                "data.feedback.stats.enabled=true", "data.feedback.stats.warmup=2", "data.feedback.stats.crop_std=0.1",
+                "data.feedback.critic.enabled=true", "data.feedback.critic.checker=world", "data.feedback.critic.every=2",
+                "data.feedback.critic.label_rows=8", "data.feedback.critic.sample_steps=2",
+                "data.feedback.critic.image_size=16", "data.feedback.critic.train_steps=2", "data.feedback.critic.num_cpus=0.25",
+                "data.feedback.critic.hard=0.5", "data.feedback.critic.repeat_hard=0.5"]
 
-    from jobs.train.critic import run_critic
-    from model.mmjit import MMJiT
-    from model.text_encoder import FrozenT5
-    from tests.jobs.train.fixtures import tiny
 
-    cfg = tiny(tmp_path, world_data, "critic", "data.feedback.critic.enabled=true", "data.feedback.critic.checker=world",
-               "data.feedback.critic.label_rows=12", "data.feedback.critic.sample_steps=2",
-               "data.feedback.critic.image_size=16", "data.feedback.critic.train_steps=3",
-               "data.feedback.critic.num_cpus=0.25", "data.partitions=2")
-    index = build_index(cfg.data)
-    model_cfg = cfg.model.build(FrozenT5(cfg.text_encoder, "cpu").dim, cfg.text_encoder.prompt_length)
-    torch.manual_seed(0)
-    state = MMJiT(model_cfg).state_dict()
-    res = run_critic(index, cfg.data, 1, 2, model_cfg, state, cfg.text_encoder, cfg.denoiser, cfg.data.seed)
-    assert res.version == 1 and res.labelled == 12 and 0.0 <= res.success <= 1.0
-    assert res.scores.shape == (48,) and np.isfinite(res.scores).all() and ((res.scores >= 0) & (res.scores <= 1)).all()
-    assert res.weights["fc.weight"].shape == (1, 512)                       # torchvision's resnet18, one logit
-    hard = replace(cfg.data, feedback=FeedbackConfig(critic=replace(cfg.data.feedback.critic, hard=1.0, repeat_hard=1.0)))
-    order = epoch_order(index, hard, 0, res.scores)
-    assert np.array_equal(order.reshape(-1, 2)[:, 0], order.reshape(-1, 2)[:, 1])   # every row scored <= 1 comes twice
+def test_train_with_feedback_records_its_order_and_resumes_on_another_worker_count(ray_session, world_data, runs):
+    """`minit2i train` with both modes: 2 steps on 2 workers (the critic job, a real Ray task with
+    torchvision's ResNet-18, runs at step 2), then the same run continued to 4 steps on 1 worker
+    (critic again at 4). Every step's rows are what the order gives for the critic then in effect,
+    read back from the checkpoints; no step twice or missing; the scores change the order as set."""
+    import json
+
+    import pyarrow.parquet as pq
+    from safetensors.numpy import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from jobs.train.driver import main
+    from tests.jobs.train.fixtures import tiny, trace
+
+    main(tiny(runs, world_data, "feedback", "scaling.num_workers=2", "optim.steps=2", *FEEDBACK_RUN))
+    result = main(tiny(runs, world_data, "feedback", "scaling.num_workers=1", "optim.steps=4", *FEEDBACK_RUN))
+    steps = trace(runs / "trace" / "feedback")
+    assert sorted(steps) == list(range(4)) and [len(steps[s]) for s in range(4)] == [2, 2, 1, 1]
+
+    cfg = tiny(runs, world_data, "feedback", *FEEDBACK_RUN).data
+    index = build_index(cfg)
+    keys = [pq.read_table(s, columns=["key"]).column("key").to_pylist() for s in index.shards]
+    ckpts = {json.loads((p / "train_state.json").read_text())["step"]: p for p in (runs / "runs" / "feedback").glob("checkpoint_*") if p.is_dir()}
+    assert sorted(ckpts) == [2, 4]
+    scores = {0: None}
+    for step, path in ckpts.items():
+        state = json.loads((path / "train_state.json").read_text())["feedback"]
+        assert state["critic_version"] == step // 2 and state["critic_step"] == step and state["decided"]["candidates"] > 0
+        assert state["critic"]["critic_labelled"] == 8
+        assert load_file(str(path / "critic.safetensors"))["fc.weight"].shape == (1, 512)    # ResNet-18, one logit
+        scores[step] = load_file(str(path / "critic_scores.safetensors"))["scores"]
+        assert scores[step].shape == (48,) and ((scores[step] >= 0) & (scores[step] <= 1)).all()
+    for s in range(4):
+        gids = worker_rows(index, cfg, s, s + 1, 0, 1, scores[s - s % 2])    # the critic made at the segment's start
+        seen = sum((steps[s][r]["keys"] for r in sorted(steps[s])), [])
+        assert seen == [keys[sid][row] for sid, row, _ in index.rows[gids]], f"step {s}"
+    assert result.metrics["critic_version"] == 2.0
+
+    hard = replace(cfg, feedback=FeedbackConfig(critic=replace(cfg.feedback.critic, hard=1.0, repeat_hard=1.0)))
+    order = epoch_order(index, hard, 0, scores[2])
+    assert np.array_equal(order[0::2], order[1::2])                          # every row scored <= 1 comes twice
+
+    acc = EventAccumulator(str(runs / "logs" / "feedback"), size_guidance={"histograms": 0})    # keep every step
+    acc.Reload()
+    assert [e.step for e in acc.Histograms("data/attr_color")] == [2, 4]
