@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "index": ("benchmarks.bench_index", "the training data Index at CC12M scale: pickled size, order and plan time"),
     "join": ("benchmarks.bench_caption_join", "the streamed LLaVA caption join: peak memory vs caption file size"),
     "weights": ("benchmarks.bench_weights", "import, load and export of a B/16-sized released folder (random weights)"),
+    "feedback": ("benchmarks.feedback", "the demo trained plain, with statistics and with statistics + critic sampling"),
 }
 
 
@@ -40,6 +41,10 @@ def join(_cfg, argv: list[str]) -> int:
 
 def weights(_cfg, argv: list[str]) -> int:
     return _run("weights", argv)
+
+
+def feedback(_cfg, argv: list[str]) -> int:
+    return _run("feedback", argv)
 
 
 def all_(_cfg, argv: list[str]) -> int:

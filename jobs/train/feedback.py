@@ -22,7 +22,7 @@ on the number of workers, and a resumed run makes the same choices. The critic's
 version are saved with each checkpoint (train_state.json records their hash) for that reason.
 
 Hand-written: no library implements this sampler. Its cost is one Python pass over an epoch's
-positions per (epoch, critic version), cached; about 1 s per million positions.
+positions per (epoch, critic version), cached per process (see `filter_stream` for its speed).
 """
 
 from __future__ import annotations
@@ -133,6 +133,17 @@ class Attributes:
         """[V] category id (index into CATEGORIES) of each vocab value."""
         return np.array([CATEGORIES.index(v.split("=", 1)[0]) for v in self.vocab], dtype=np.int64)
 
+    def tracked_lists(self, categories: tuple[str, ...]) -> list[tuple[int, ...]]:
+        """Per row, its value ids in `categories`, as Python tuples (made once per Attributes:
+        about 100 bytes a row, so ~1 GB for CC12M's 10M rows; fine for finetune-sized sets)."""
+        cached = getattr(self, "_tracked", None)
+        if cached is None or cached[0] != categories:
+            keep = np.array([v.split("=", 1)[0] in categories for v in self.vocab] or [False])
+            vals, offs = self.values.tolist(), self.offsets.tolist()
+            lists = [tuple(v for v in vals[a:b] if keep[v]) for a, b in zip(offs[:-1], offs[1:])]
+            self._tracked = cached = (categories, lists)
+        return cached[1]
+
     def of(self, rows: np.ndarray) -> list[str]:
         """The attribute values of `rows`, one entry per (row, value)."""
         return [self.vocab[v] for r in rows for v in self.values[self.offsets[r]:self.offsets[r + 1]]]
@@ -185,8 +196,8 @@ class Decisions:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
-def over_represented(counts: np.ndarray, totals: np.ndarray, values: np.ndarray, cat_of: np.ndarray,
-                     per_cat: np.ndarray, tolerance: float, warmup: int) -> bool:
+def over_represented(counts: list[int], totals: list[int], values, cat_of: list[int], per_cat: list[int],
+                     tolerance: float, warmup: int) -> bool:
     """Is any of `values` over its fair share: counts[v] / totals[cat] > (1 + tolerance) / per_cat[cat]?"""
     for v in values:
         c = cat_of[v]
@@ -201,35 +212,36 @@ def filter_stream(candidates, n: int, cfg: FeedbackConfig, attrs: Attributes | N
 
     Per candidate three uniform draws (u_drop, u_skip, u_repeat), always consumed. `log`, when
     given, receives (row, over-represented, u_drop, dropped) per candidate (the tests check the
-    formula on it)."""
+    formula on it). The walk is sequential (each decision depends on the counts so far), so it
+    runs on plain Python lists: numpy's per-element indexing is several times slower."""
     s, c = cfg.stats, cfg.critic
     use_stats = s.enabled and attrs is not None and len(attrs.vocab) > 0
     if use_stats:
-        cat_of = attrs.category_of()
-        tracked = np.array([CATEGORIES[k] in s.categories for k in cat_of], dtype=bool)
-        per_cat = np.bincount(cat_of, minlength=len(CATEGORIES)).astype(np.float64)
-        counts = np.zeros(len(attrs.vocab), dtype=np.int64)
-        totals = np.zeros(len(CATEGORIES), dtype=np.int64)
+        cat_of = attrs.category_of().tolist()
+        row_values = attrs.tracked_lists(tuple(s.categories))
+        per_cat = np.bincount(cat_of, minlength=len(CATEGORIES)).tolist()
+        counts, totals = [0] * len(attrs.vocab), [0] * len(CATEGORIES)
+        drop_p, tol, warmup = s.drop_probability, s.tolerance, s.warmup
     use_critic = c.enabled and scores is not None
-    out = np.empty(n, dtype=np.int64)
+    score_of = scores.tolist() if use_critic else None
+    out = [0] * n
     got, dec = 0, Decisions()
     for chunk in candidates:
-        draws = rng.random((len(chunk), 3))
+        draws = rng.random((len(chunk), 3)).tolist()
         for row, (u_drop, u_skip, u_rep) in zip(chunk.tolist(), draws):
             dec.candidates += 1
             if use_stats:
-                vals = attrs.values[attrs.offsets[row]:attrs.offsets[row + 1]]
-                vals = vals[tracked[vals]]
-                over = over_represented(counts, totals, vals, cat_of, per_cat, s.tolerance, s.warmup)
-                drop = over and u_drop < s.drop_probability
+                vals = row_values[row]
+                over = over_represented(counts, totals, vals, cat_of, per_cat, tol, warmup)
+                drop = over and u_drop < drop_p
                 if log is not None:
-                    log.append((row, over, float(u_drop), drop))
+                    log.append((row, over, u_drop, drop))
                 if drop:
                     dec.dropped += 1
                     continue
             times = 1
             if use_critic:
-                score = scores[row]
+                score = score_of[row]
                 if score >= c.easy and u_skip < c.skip_easy:
                     dec.skipped += 1
                     continue
@@ -242,11 +254,11 @@ def filter_stream(candidates, n: int, cfg: FeedbackConfig, attrs: Attributes | N
                 out[got] = row
                 got += 1
                 if use_stats:
-                    for v in vals.tolist():
+                    for v in vals:
                         counts[v] += 1
                         totals[cat_of[v]] += 1
             if got == n:
-                return out, dec
+                return np.array(out, dtype=np.int64), dec
     raise RuntimeError("feedback: the candidate sequence ended before the stream was full")
 
 
