@@ -157,3 +157,23 @@ def test_train_with_feedback_records_its_order_and_resumes_on_another_worker_cou
     acc = EventAccumulator(str(runs / "logs" / "feedback"), size_guidance={"histograms": 0})    # keep every step
     acc.Reload()
     assert [e.step for e in acc.Histograms("data/attr_color")] == [2, 4]
+
+
+def test_transformable_attributes_are_cropped_not_dropped(squares):
+    """Crop scales come from the truncated normal, seeded by (seed, epoch); a scale s crops the
+    centre square of side s x the shorter side before resizing."""
+    import io
+
+    from PIL import Image
+
+    from jobs.train.data import decode_crop, epoch_crops
+
+    cfg = feedback_cfg(squares)
+    cfg.feedback.stats.crop_std, cfg.feedback.stats.crop_mean, cfg.feedback.stats.crop_min = 0.2, 0.9, 0.6
+    a = epoch_crops(cfg, 0, 4000)
+    assert np.array_equal(a, epoch_crops(cfg, 0, 4000)) and not np.array_equal(a, epoch_crops(cfg, 1, 4000))
+    assert a.min() >= 0.6 and a.max() <= 1.0 and 0.8 < a.mean() < 0.9     # truncation pulls the mean below 0.9
+    arr = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    assert np.array_equal(decode_crop(buf.getvalue(), 16, crop=0.5), arr[8:24, 16:32])
