@@ -175,7 +175,8 @@ def check_resume(state: dict, cfg, index, world: int) -> None:
     if not cfg.data.partitions and recorded.get("partitions"):
         cfg.data.partitions = recorded["partitions"]
     now = order_settings(with_partitions(cfg.data, world))
-    changed = {k: (v, now.get(k)) for k, v in recorded.items() if now.get(k) != v}
+    # Feedback counts when either side has it: switching it on or off mid-run changes the order.
+    changed = {k: (recorded.get(k), now.get(k)) for k in {*recorded, *({"feedback"} & {*now})} if now.get(k) != recorded.get(k)}
     if changed:
         raise ValueError("checkpoint's sample order was made with different settings (checkpoint, config): "
                          + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in changed.items())

@@ -1,6 +1,7 @@
 """Data feedback in the training order: statistics and critic sampling (jobs/train/feedback.py)."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,21 @@ def test_transformable_attributes_are_cropped_not_dropped(squares):
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     assert np.array_equal(decode_crop(buf.getvalue(), 16, crop=0.5), arr[8:24, 16:32])
+
+
+def test_resume_refuses_feedback_switched_on_or_changed(squares):
+    from jobs.train.checkpoints import check_resume
+    from tests.jobs.train.fixtures import tiny
+
+    cfg = tiny(Path("/nonexistent"), squares, "x", "data.partitions=2")
+    index = build_index(cfg.data)
+    state = {"global_batch": 8, "data_fingerprint": index.fingerprint, "order": td.order_settings(cfg.data)}
+    check_resume(state, cfg, index, 2)                                        # plain on plain: fine
+    on = tiny(Path("/nonexistent"), squares, "x", "data.partitions=2", "data.feedback.stats.enabled=true")
+    with pytest.raises(ValueError, match="feedback None vs"):
+        check_resume(state, on, index, 2)
+    state["order"] = td.order_settings(on.data)
+    off = tiny(Path("/nonexistent"), squares, "x", "data.partitions=2", "data.feedback.stats.enabled=true",
+               "data.feedback.stats.drop_probability=0.25")
+    with pytest.raises(ValueError, match="sample order was made with different settings"):
+        check_resume(state, off, index, 2)
