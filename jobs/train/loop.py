@@ -232,7 +232,7 @@ def train_loop(loop_config: dict) -> None:
             if peak:
                 metrics["mfu"] = train_flops * img_s / (peak * world)
             t_last, step_last = now, done
-        if critic.due(done, last):                                  # before the checkpoint, which saves it
+        if critic.due(done):                                  # before the checkpoint, which saves it
             metrics.update(critic.update(index, data_cfg, done, ema, model_cfg, cfg, rank))
         is_grid = bool(cfg.logging.sample_every) and (done % cfg.logging.sample_every == 0 or last)
         if is_grid or is_eval:                                     # both sample the EMA named by eval.weights
@@ -282,7 +282,7 @@ class CriticState:
             return total
         return min(total, (at // self.cfg.every + 1) * self.cfg.every)
 
-    def due(self, done: int, last: bool) -> bool:
+    def due(self, done: int) -> bool:
         """At every multiple of `every`, the last step too: a run continued past it must find the
         critic a longer run would have had there."""
         return self.cfg.enabled and done % self.cfg.every == 0
