@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "join": ("benchmarks.bench_caption_join", "the streamed LLaVA caption join: peak memory vs caption file size"),
     "weights": ("benchmarks.bench_weights", "import, load and export of a B/16-sized released folder (random weights)"),
     "learn": ("benchmarks.learn", "prompt following per category against training steps over a grid of settings (Ray Tune)"),
+    "feedback": ("benchmarks.feedback", "the demo trained plain, with statistics and with statistics + critic sampling"),
 }
 
 
@@ -45,6 +46,10 @@ def weights(_cfg, argv: list[str]) -> int:
 
 def learn(_cfg, argv: list[str]) -> int:
     return _run("learn", argv)
+
+
+def feedback(_cfg, argv: list[str]) -> int:
+    return _run("feedback", argv)
 
 
 def all_(_cfg, argv: list[str]) -> int:

@@ -104,7 +104,7 @@ COMMANDS: dict[str, Command] = {
                      Spec("jobs.train.driver:run", "jobs.train.config:TrainConfig", default_config="jobs/configs/debug.yaml",
                           ray=True)),
     "bench": Command("benchmarks (a benchmark's own options go after --)",
-                     actions={**{name: Spec(f"jobs.bench:{name}", passthrough=True) for name in ("fetch", "train", "index", "join", "weights", "learn")},
+                     actions={**{name: Spec(f"jobs.bench:{name}", passthrough=True) for name in ("fetch", "train", "index", "join", "weights", "learn", "feedback")},
                               "all": Spec("jobs.bench:all_", passthrough=True)}),
 }
 

@@ -93,6 +93,56 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         ray = init_ray(num_cpus=cfg.num_cpus)
         print(f"Ray {ray.__version__}: {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
 
+    data_dir = world_data(cfg, out, stage, summary)
+
+    with stage("train"):
+        result = train(cfg, data_dir, out)
+        weights = weights_of(result)
+        summary["checkpoint"] = weights
+
+    prompts = write_eval_prompts(out / "eval_prompts.txt", cfg.eval_prompts, cfg.world.size, cfg.world.seed)
+    with stage("generate"):
+        from jobs.generate import GenerateConfig, generate_images, load_generated
+        from jobs.inference import save_grid
+
+        gen_cfg = config_lib.override(GenerateConfig(prompts=str(prompts), out=str(out / "samples"), checkpoint=weights,
+                                            seeds=[0]), {"sampler.steps": 25, "sampler.cfg_scale": 2.0, **cfg.generate},
+                             "demo generate")
+        gen = generate_images(gen_cfg)
+        rows = load_generated(gen_cfg.out)[:32]
+        import numpy as np
+
+        grid = save_grid(np.stack([r["image"] for r in rows]), out / "sample_grid.png",
+                         captions=[r["prompt"] for r in rows], ncol=8)
+        summary["sample_grid"] = str(grid)
+        summary["images_per_s"] = gen["images_per_s"]
+
+    with stage("eval"):
+        from jobs.evaluate import EvalConfig, evaluate
+
+        scores = evaluate(EvalConfig(images=gen_cfg.out, out=str(out / "eval")))
+        summary["eval"] = {k: v for k, v in scores.items() if k.startswith("world/") or "artifact" in k}
+
+    with stage("tune"):
+        from jobs.tune.sampling import SamplingTuneConfig, run_sampling
+
+        tune_cfg = config_lib.override(SamplingTuneConfig(checkpoint=weights, prompts=str(prompts)), {
+            "subsets": [16, 32], "run.out": str(out / "tune"), "run.name": "sampling", "run.num_samples": 1,
+            "space": {"cfg_scale": {"grid": [1.0, 2.0, 4.0, 6.0]}, "sampler": "euler", "steps": 15},
+            **cfg.tune,
+        }, "demo tune")
+        tuned = run_sampling(tune_cfg)
+        summary["tune"] = {"best": tuned["best"], "dir": tune_cfg.run.out}
+
+    summary["stage_seconds"] = stage.times
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary, out)
+    return summary
+
+
+def world_data(cfg: DemoConfig, out: Path, stage: Stages, summary: dict[str, Any]) -> str:
+    """The demo's training data, on the joined Ray: the world served on loopback -> fetch -> curate
+    (-> recaption when a captioner is configured). Returns the dataset folder training reads."""
     from pipelines import fetch as fetch_lib
     from pipelines.world import WorldConfig, WorldServer, write_world
 
@@ -139,57 +189,21 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         print("\n=== recaption: skipped === no captioner configured (recaption.model=<VLM folder> runs it); "
               "the world's captions are exact, so training uses them as they are")
 
-    with stage("train"):
-        from jobs.train.config import TrainConfig
-        from jobs.train.driver import main as train_main
+    return data_dir
 
-        train_cfg = config_lib.load(TrainConfig, repo_path(cfg.train_config), [])
-        train_cfg = config_lib.override(train_cfg, {
-            "name": "demo", "storage_path": str(out / "runs"), "data.datasets": [data_dir],
-            "logging.dir": str(out / "train_logs"), **cfg.train,
-        }, "demo train")
-        result = train_main(train_cfg)
-        weights = weights_of(result)
-        summary["checkpoint"] = weights
 
-    prompts = write_eval_prompts(out / "eval_prompts.txt", cfg.eval_prompts, cfg.world.size, cfg.world.seed)
-    with stage("generate"):
-        from jobs.generate import GenerateConfig, generate_images, load_generated
-        from jobs.inference import save_grid
+def train(cfg: DemoConfig, data_dir: str, out: Path, name: str = "demo", overrides: dict[str, Any] | None = None):
+    """The demo's training run (`train_config` + the demo's `train` overrides + `overrides`) on
+    `data_dir`; checkpoints under out/runs/name. Returns Ray Train's Result."""
+    from jobs.train.config import TrainConfig
+    from jobs.train.driver import main as train_main
 
-        gen_cfg = config_lib.override(GenerateConfig(prompts=str(prompts), out=str(out / "samples"), checkpoint=weights,
-                                            seeds=[0]), {"sampler.steps": 25, "sampler.cfg_scale": 2.0, **cfg.generate},
-                             "demo generate")
-        gen = generate_images(gen_cfg)
-        rows = load_generated(gen_cfg.out)[:32]
-        import numpy as np
-
-        grid = save_grid(np.stack([r["image"] for r in rows]), out / "sample_grid.png",
-                         captions=[r["prompt"] for r in rows], ncol=8)
-        summary["sample_grid"] = str(grid)
-        summary["images_per_s"] = gen["images_per_s"]
-
-    with stage("eval"):
-        from jobs.evaluate import EvalConfig, evaluate
-
-        scores = evaluate(EvalConfig(images=gen_cfg.out, out=str(out / "eval")))
-        summary["eval"] = {k: v for k, v in scores.items() if k.startswith("world/") or "artifact" in k}
-
-    with stage("tune"):
-        from jobs.tune.sampling import SamplingTuneConfig, run_sampling
-
-        tune_cfg = config_lib.override(SamplingTuneConfig(checkpoint=weights, prompts=str(prompts)), {
-            "subsets": [16, 32], "run.out": str(out / "tune"), "run.name": "sampling", "run.num_samples": 1,
-            "space": {"cfg_scale": {"grid": [1.0, 2.0, 4.0, 6.0]}, "sampler": "euler", "steps": 15},
-            **cfg.tune,
-        }, "demo tune")
-        tuned = run_sampling(tune_cfg)
-        summary["tune"] = {"best": tuned["best"], "dir": tune_cfg.run.out}
-
-    summary["stage_seconds"] = stage.times
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print_summary(summary, out)
-    return summary
+    train_cfg = config_lib.load(TrainConfig, repo_path(cfg.train_config), [])
+    train_cfg = config_lib.override(train_cfg, {
+        "name": name, "storage_path": str(out / "runs"), "data.datasets": [data_dir],
+        "logging.dir": str(out / ("train_logs" if name == "demo" else f"train_logs_{name}")), **cfg.train, **(overrides or {}),
+    }, "demo train")
+    return train_main(train_cfg)
 
 
 def weights_of(result) -> str:

@@ -168,6 +168,13 @@ def sampler_settings(section: SamplerSection, meta: dict, default: SamplerConfig
     return SamplerConfig(**fields)
 
 
+def network(model_cfg, state_dict: dict, device: torch.device | str = "cpu") -> MMJiT:
+    """An eval-mode MM-JiT from in-memory weights (the train job's consolidated EMA)."""
+    net = MMJiT(model_cfg)
+    net.load_state_dict(state_dict)
+    return net.to(device).eval()
+
+
 def resolve_sampler(sampler: SamplerConfig, meta: dict, noise_scale: float | None = None) -> SamplerConfig:
     """`sampler` with the ODE's start noise set: `noise_scale` if given, else the one the weights
     were trained with (meta["denoiser"], as model.json records it), else the sampler's own."""

@@ -17,6 +17,8 @@ from pipelines import storage
 
 STATE_NAME = "train_state.json"
 MOMENTS_NAME = "optimizer.safetensors"
+CRITIC_NAME = "critic.safetensors"                # data.feedback.critic: the ResNet-18's weights
+SCORES_NAME = "critic_scores.safetensors"         # and its score of every training row ("scores", [R] float32)
 
 
 def checkpoint_problem(uri: str) -> str | None:
@@ -123,9 +125,37 @@ def read_checkpoint(path: str) -> dict:
             out["weights"] = load_file(os.path.join(path, "model.safetensors"))
             for d in state.get("ema_decays", []):
                 out["ema"][float(d)] = load_file(os.path.join(path, f"ema_{d}.safetensors"))
+        if os.path.exists(os.path.join(path, SCORES_NAME)):
+            out["feedback"] = read_critic(path, state)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"checkpoint {path} is unreadable: {err}") from err
     return out
+
+
+def save_critic(path: str, scores, weights: dict | None) -> None:
+    """The critic's scores (and weights, on the rank that trained it) into a local checkpoint folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"scores": torch.from_numpy(scores)}, os.path.join(path, SCORES_NAME))
+    if weights is not None:
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(path, CRITIC_NAME))
+
+
+def read_critic(path: str, state: dict) -> dict:
+    """{scores, weights, state} of the critic saved in a checkpoint; its scores must hash to what
+    train_state.json recorded, or the resumed order would differ from the one the run made."""
+    from safetensors.torch import load_file
+
+    from jobs.train.feedback import scores_digest
+
+    scores = load_file(os.path.join(path, SCORES_NAME))["scores"].numpy()
+    recorded = state.get("feedback", {}).get("scores_sha256")
+    if recorded != scores_digest(scores):
+        raise ValueError(f"checkpoint {path}: {SCORES_NAME} does not match the hash train_state.json recorded")
+    critic = os.path.join(path, CRITIC_NAME)
+    return {"scores": scores, "weights": load_file(critic) if os.path.exists(critic) else None,
+            "state": state["feedback"].get("critic", {})}
 
 
 def write_checkpoint(path: str, weights, moments, emas, state: dict, model_cfg, text_encoder, denoiser, lora=None) -> None:
@@ -171,7 +201,8 @@ def check_resume(state: dict, cfg, index, world: int) -> None:
     if not cfg.data.partitions and recorded.get("partitions"):
         cfg.data.partitions = recorded["partitions"]
     now = order_settings(with_partitions(cfg.data, world))
-    changed = {k: (v, now.get(k)) for k, v in recorded.items() if now.get(k) != v}
+    # Feedback counts when either side has it: switching it on or off mid-run changes the order.
+    changed = {k: (recorded.get(k), now.get(k)) for k in {*recorded, *({"feedback"} & {*now})} if now.get(k) != recorded.get(k)}
     if changed:
         raise ValueError("checkpoint's sample order was made with different settings (checkpoint, config): "
                          + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in changed.items())

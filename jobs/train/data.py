@@ -46,6 +46,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from jobs.train.feedback import Attributes, Decisions, FeedbackConfig, crop_scales, filter_stream, read_attributes, scores_digest
+from jobs.train.feedback import settings as feedback_settings
 from pipelines import manifest as manifest_lib
 from pipelines import storage
 
@@ -64,6 +66,7 @@ class DataConfig:
     decode_actors: int = 1                               # DecodeCrop actors per train worker
     decode_cpus: float = 0.5                             # CPUs reserved per DecodeCrop actor
     read_cpus: float = 0.25                              # CPUs reserved for the worker's ReadRows actor
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)   # statistics / critic sampling (jobs/train/feedback.py)
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,6 +89,7 @@ class Index:
     weights: np.ndarray            # [num_datasets] normalised mix weights
     fingerprint: str               # hash of the manifests' shard digests and the weights
     text: dict | None = None       # with data.text_features: the cached features' encoder, width, prompt_length
+    attrs: Attributes | None = None  # with data.feedback: each row's attribute values
 
     @property
     def num_rows(self) -> int:
@@ -130,7 +134,7 @@ def build_index(cfg: DataConfig) -> Index:
         raise ValueError(f"data.weights has {len(cfg.weights)} entries for {len(cfg.datasets)} datasets")
     import hashlib
 
-    shards, shard_dataset, rows, units, dataset_starts = [], [], [], [], [0]
+    shards, shard_dataset, rows, units, dataset_starts, shard_rows = [], [], [], [], [0], []
     h = hashlib.sha256()
     num_units = 0
     for d, root in enumerate(cfg.datasets):
@@ -143,6 +147,7 @@ def build_index(cfg: DataConfig) -> Index:
             if not storage.exists(uri):
                 raise FileNotFoundError(f"training dataset {root}: shard {entry.path} is listed in the manifest but missing")
             usable, starts = _usable_rows(uri, entry.rows)
+            shard_rows.append((uri, usable))
             sid = len(shards)
             shards.append(uri)
             shard_dataset.append(d)
@@ -164,8 +169,9 @@ def build_index(cfg: DataConfig) -> Index:
         raise ValueError(f"data.weights must all be > 0, got {list(weights)}")
     weights = weights / weights.sum()
     h.update(json.dumps(weights.round(12).tolist()).encode())
+    attrs = read_attributes(shard_rows, cfg.caption_column) if cfg.feedback.active else None
     return Index(shards, np.array(shard_dataset), np.concatenate(rows), np.concatenate(units),
-                 np.array(dataset_starts, dtype=np.int64), weights, h.hexdigest()[:16], text)
+                 np.array(dataset_starts, dtype=np.int64), weights, h.hexdigest()[:16], text, attrs)
 
 
 def _cached_text(cfg: DataConfig) -> dict:
@@ -188,7 +194,10 @@ def with_partitions(cfg: DataConfig, world: int) -> DataConfig:
 
 def order_settings(cfg: DataConfig) -> dict:
     """What, besides the data fingerprint, fixes the order: recorded in and checked against checkpoints."""
-    return {"seed": cfg.seed, "global_batch": cfg.batch_size, "partitions": cfg.partitions, "shuffle_rows": cfg.shuffle_rows}
+    out = {"seed": cfg.seed, "global_batch": cfg.batch_size, "partitions": cfg.partitions, "shuffle_rows": cfg.shuffle_rows}
+    if cfg.feedback.active:
+        out["feedback"] = feedback_settings(cfg.feedback)
+    return out
 
 
 def _unit_major(index: Index, ids: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -204,8 +213,19 @@ def _unit_major(index: Index, ids: np.ndarray, rng: np.random.Generator, n: int)
     return np.concatenate(parts)[:n]
 
 
-def epoch_order(index: Index, cfg: DataConfig, epoch: int) -> np.ndarray:
-    """Global row ids of epoch `epoch`: [steps_per_epoch * G], a pure function of its inputs.
+def epoch_order(index: Index, cfg: DataConfig, epoch: int, scores: np.ndarray | None = None) -> np.ndarray:
+    """Global row ids of epoch `epoch`: [steps_per_epoch * G], a pure function of its inputs
+    (with data.feedback, also of the critic's `scores` in effect: see `feedback_epoch`)."""
+    if cfg.feedback.active:
+        return feedback_epoch(index, cfg, epoch, scores)[0]
+    spe = steps_per_epoch(index, cfg.batch_size)
+    return _streams(index, cfg, epoch).reshape(cfg.partitions, spe, -1).transpose(1, 0, 2).reshape(-1)
+
+
+def _streams(index: Index, cfg: DataConfig, epoch: int, reserve: int = 0) -> np.ndarray:
+    """The plain order's P streams of epoch `epoch`: [P, steps_per_epoch * G / P]. `reserve` k > 0
+    gives the k-th reserve order of the epoch (another draw of the same layout), which feedback
+    takes candidates from once a stream's own rows are used up.
 
     Dataset d fills a share `weights[d]` of each stream, cycling through its rows when it is
     up-weighted and subsampled when down-weighted; see the module docstring for the layout.
@@ -218,7 +238,7 @@ def epoch_order(index: Index, cfg: DataConfig, epoch: int) -> np.ndarray:
     g = G // P
     spe = steps_per_epoch(index, G)
     n = spe * g                                              # rows per stream per epoch
-    rng = np.random.default_rng([cfg.seed, epoch])
+    rng = np.random.default_rng([cfg.seed, epoch] + ([reserve] if reserve else []))
     counts = np.floor(index.weights * n).astype(np.int64)
     counts[: n - counts.sum()] += 1                          # hand out the rounding remainder
     pieces = [_unit_major(index, ids, rng, P * c).reshape(P, c) for ids, c in zip(index.dataset_rows, counts)]
@@ -229,7 +249,52 @@ def epoch_order(index: Index, cfg: DataConfig, epoch: int) -> np.ndarray:
         for d, piece in enumerate(pieces):
             streams[j, labels == d] = piece[j]
         streams[j] = streams[j, np.lexsort((rng.random(n), block))]             # shuffle within blocks of B
-    return streams.reshape(P, spe, g).transpose(1, 0, 2).reshape(-1)
+    return streams
+
+
+# Feedback orders of recent (epoch, critic version)s: the loop, its readers and the critic ask for
+# the same epoch several times, and one costs a Python pass over its positions.
+_FEEDBACK_CACHE: dict[tuple, tuple[np.ndarray, Decisions]] = {}
+MAX_RESERVES = 64           # reserve orders a stream may draw on before the filter gives up (never near)
+
+
+def feedback_epoch(index: Index, cfg: DataConfig, epoch: int, scores: np.ndarray | None) -> tuple[np.ndarray, Decisions]:
+    """(row ids [steps_per_epoch * G], what was decided) of epoch `epoch` with data.feedback.
+
+    Stream j is filtered from its plain stream, then the reserve orders' stream j, by
+    jobs/train/feedback.py's rules with a generator seeded by (seed, epoch, j): a pure function
+    of (seed, epoch, data, settings, scores), so every worker and every resume computes the same.
+    """
+    import json
+
+    key = (index.fingerprint, id(index), json.dumps(order_settings(cfg), sort_keys=True), epoch, scores_digest(scores))
+    if key in _FEEDBACK_CACHE:
+        return _FEEDBACK_CACHE[key]
+    spe = steps_per_epoch(index, cfg.batch_size)
+    reserves = {0: _streams(index, cfg, epoch)}
+    P, n = reserves[0].shape
+
+    def candidates(j: int):
+        for k in range(MAX_RESERVES + 1):
+            if k not in reserves:
+                reserves[k] = _streams(index, cfg, epoch, reserve=k)
+            yield reserves[k][j]
+
+    out, total = np.empty((P, n), dtype=np.int64), Decisions()
+    for j in range(P):
+        out[j], dec = filter_stream(candidates(j), n, cfg.feedback, index.attrs, scores,
+                                    np.random.default_rng([cfg.seed, epoch, j, 0xFEED]))
+        total.add(dec)
+    result = out.reshape(P, spe, -1).transpose(1, 0, 2).reshape(-1), total
+    if len(_FEEDBACK_CACHE) >= 8:
+        _FEEDBACK_CACHE.pop(next(iter(_FEEDBACK_CACHE)))
+    _FEEDBACK_CACHE[key] = result
+    return result
+
+
+def epoch_crops(cfg: DataConfig, epoch: int, n: int) -> np.ndarray:
+    """[n] crop scales of epoch `epoch`'s positions (1.0 = the full centre crop), seeded by (seed, epoch)."""
+    return crop_scales(cfg.feedback.stats, np.random.default_rng([cfg.seed, epoch, 0xC209]), n)
 
 
 def steps_per_epoch(index: Index, global_batch: int) -> int:
@@ -239,8 +304,10 @@ def steps_per_epoch(index: Index, global_batch: int) -> int:
     return spe
 
 
-def worker_rows(index: Index, cfg: DataConfig, first_step: int, last_step: int, rank: int, world: int) -> np.ndarray:
-    """This worker's global row ids for steps [first_step, last_step), across epochs. [steps * b]"""
+def worker_rows(index: Index, cfg: DataConfig, first_step: int, last_step: int, rank: int, world: int,
+                scores: np.ndarray | None = None, crops: bool = False) -> np.ndarray:
+    """This worker's global row ids for steps [first_step, last_step), across epochs. [steps * b]
+    `scores`: the critic's, in effect for these steps; `crops`: the positions' crop scales instead."""
     G = cfg.batch_size
     if G % world:
         raise ValueError(f"data.batch_size {G} must be divisible by the number of workers {world}")
@@ -251,7 +318,7 @@ def worker_rows(index: Index, cfg: DataConfig, first_step: int, last_step: int, 
     while step < last_step:
         epoch, first = divmod(step, spe)
         n = min(spe - first, last_step - step)
-        order = epoch_order(index, cfg, epoch).reshape(spe, G)                  # [spe, G]
+        order = (epoch_crops(cfg, epoch, spe * G) if crops else epoch_order(index, cfg, epoch, scores)).reshape(spe, G)
         parts.append(order[first:first + n, rank * b:(rank + 1) * b].reshape(-1))
         step += n
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
@@ -273,7 +340,8 @@ class ReadRows:
     are kept open per shard. `group_reads` counts row-group reads (the benchmark reports it).
     """
 
-    def __init__(self, index: Index, cfg: DataConfig, plan: tuple[int, int, int, int] | None = None):
+    def __init__(self, index: Index, cfg: DataConfig, plan: tuple[int, int, int, int] | None = None,
+                 scores: np.ndarray | None = None):
         self.index = index
         self.cfg = cfg
         self.columns = ["key", "image", cfg.caption_column]
@@ -284,10 +352,12 @@ class ReadRows:
         self.files: dict[int, object] = {}
         self.held: dict[int, dict] = {}
         self.group_reads = 0
-        self.plan, self.horizon = None, 0
+        self.plan, self.horizon, self.crops = None, 0, None
         if plan is not None:
             first, last, rank, world = plan
-            self.plan = worker_rows(index, cfg, first, last, rank, world)
+            self.plan = worker_rows(index, cfg, first, last, rank, world, scores)
+            if cfg.feedback.stats.enabled and cfg.feedback.stats.crop_std > 0:
+                self.crops = worker_rows(index, cfg, first, last, rank, world, crops=True)
             rows_per_stream = cfg.batch_size // cfg.partitions
             self.horizon = 2 * -(-cfg.shuffle_rows // rows_per_stream) * (cfg.batch_size // world)
 
@@ -338,6 +408,8 @@ class ReadRows:
         }
         if self.cfg.text_features:
             out["features"], out["text_mask"] = features, text_mask
+        if self.crops is not None:
+            out["crop"] = self.crops[np.asarray(positions, dtype=np.int64)]
         return out
 
     def _features(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -358,13 +430,14 @@ class ReadRows:
         return features, mask
 
 
-def decode_crop(data: bytes, size: int) -> np.ndarray:
-    """Image bytes -> [size, size, 3] uint8 (HWC, as decoded): shorter side to `size`, centre crop."""
+def decode_crop(data: bytes, size: int, crop: float = 1.0) -> np.ndarray:
+    """Image bytes -> [size, size, 3] uint8 (HWC, as decoded): the centre square of side
+    crop x the shorter side, resized to `size` (crop 1: shorter side to `size`, centre crop)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         w, h = im.size
-        scale = size / min(w, h)
+        scale = size / (crop * min(w, h))
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         im.draft("RGB", (nw, nh))                          # JPEG: decode at a reduced DCT scale when much larger
         if im.mode != "RGB":
@@ -393,15 +466,16 @@ class DecodeCrop:
         n = len(batch["key"])
         images = np.empty((n, self.size, self.size, 3), dtype=np.uint8)
         valid = np.zeros(n, dtype=bool)
+        crops = batch["crop"] if "crop" in batch else np.ones(n)
         for i, data in enumerate(batch["image"]):
             try:
                 if data is None:
                     raise ValueError("no image")
-                images[i] = decode_crop(data, self.size)
+                images[i] = decode_crop(data, self.size, float(crops[i]))
                 valid[i] = True
             except Exception:  # noqa: BLE001 - any undecodable image is one counted skip, never a crash
                 images[i] = 0
-        out = {k: v for k, v in batch.items() if k != "image"}
+        out = {k: v for k, v in batch.items() if k not in ("image", "crop")}
         out.update(image=images, valid=valid)
         return out
 
@@ -432,8 +506,10 @@ def _collate_class():
 MAX_PIPELINE_ROWS = 1 << 23
 
 
-def iter_batches(index: Index, cfg: DataConfig, image_size: int, start_step: int, end_step: int, rank: int, world: int):
-    """Yield (step, batch) for this worker for steps [start_step, end_step); cfg.partitions resolved.
+def iter_batches(index: Index, cfg: DataConfig, image_size: int, start_step: int, end_step: int, rank: int, world: int,
+                 scores: np.ndarray | None = None):
+    """Yield (step, batch) for this worker for steps [start_step, end_step); cfg.partitions resolved;
+    `scores`: the critic's, in effect for these steps (data.feedback.critic).
 
     batch: image uint8 [b, S, S, 3], valid [b], key/caption lists, gid [b] (global row ids).
     """
@@ -452,7 +528,7 @@ def iter_batches(index: Index, cfg: DataConfig, image_size: int, start_step: int
         ds = (ray.data.from_numpy([np.arange(i, min(n, i + block)) for i in range(0, n, block)])
               # The one reader runs blocks in order; several queued at once keep it ahead of decoding
               # (with Ray Data's default of 2 in flight the decode actors waited on it half the time).
-              .map_batches(ReadRows, fn_constructor_args=(index, cfg, (step, last, rank, world)), batch_size=None,
+              .map_batches(ReadRows, fn_constructor_args=(index, cfg, (step, last, rank, world), scores), batch_size=None,
                            compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=4 * cfg.decode_actors + 4),
                            num_cpus=cfg.read_cpus)
               .map_batches(DecodeCrop, fn_constructor_args=(image_size,), batch_size=b,

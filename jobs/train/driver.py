@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from jobs.train.checkpoints import STATE_NAME, check_resume, newest_checkpoint, resume_checkpoint, weights_folder
+from jobs.train import feedback
 from jobs.train.config import TrainConfig
 from jobs.train.tracking import require_tracker, run_id
 from pipelines import config as config_lib
@@ -43,6 +44,7 @@ def check(cfg: TrainConfig) -> tuple[int, int]:
     for key, module in (("wandb_project", "wandb"), ("mlflow_tracking_uri", "mlflow")):
         if getattr(cfg.logging, key):
             require_tracker(module, key)
+    feedback.check(cfg.data.feedback)
     if cfg.eval.every and cfg.eval.prompts and not storage.exists(cfg.eval.prompts):
         raise FileNotFoundError(f"eval.prompts {cfg.eval.prompts} does not exist")
     if cfg.lora.enabled:
@@ -67,6 +69,10 @@ def check_lora(cfg: TrainConfig) -> None:
         # TODO: sample the merged EMA in the loop; until then merge a checkpoint and evaluate that.
         raise ValueError("lora runs do not yet sample during training (eval.every, logging.sample_every): set them "
                          "to 0, then `minit2i weights merge RUN OUT` and `minit2i eval generate.checkpoint=OUT`")
+    if cfg.data.feedback.critic.enabled:
+        # The critic samples the run's EMA, which in a LoRA run holds adapters only (see the TODO above).
+        raise ValueError("lora runs cannot use data.feedback.critic yet (the critic samples the EMA weights, which "
+                         "hold only adapters here); data.feedback.stats works")
     with torch.device("meta"):
         names = linear_names(MMJiT(cfg.model.build(8, 8)))
     unknown = [t for t in cfg.lora.target_modules if t not in names]

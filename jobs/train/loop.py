@@ -16,10 +16,12 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from jobs.train.checkpoints import check_resume, read_checkpoint, write_checkpoint
 from jobs.train.config import TrainConfig
+from jobs.train.data import DataConfig
 from pipelines import config as config_lib
 
 
@@ -112,7 +114,7 @@ def ema_network(ema, which: str | None, model_cfg, device, rank: int):
     """(eval-mode MM-JiT with the consolidated EMA weights `which`, its decay) on rank 0, (None,
     None) elsewhere; `which` is "ema_<decay>" or None for the highest decay. Consolidating is a
     collective: every rank calls this."""
-    from model.mmjit import MMJiT
+    from jobs.inference import network
 
     emas = ema.full()
     if rank != 0:
@@ -123,9 +125,7 @@ def ema_network(ema, which: str | None, model_cfg, device, rank: int):
         decay = None
     if decay not in emas:
         raise ValueError(f"eval.weights {which!r}: this run keeps the EMA decays {sorted(emas)} (ema_<decay>)")
-    net = MMJiT(model_cfg)
-    net.load_state_dict(emas[decay])
-    return net.to(device).eval(), decay
+    return network(model_cfg, emas[decay], device), decay
 
 
 def train_loop(loop_config: dict) -> None:
@@ -175,6 +175,7 @@ def train_loop(loop_config: dict) -> None:
         load_moments(engine, resumed["moments"], start_step)
     ema = ShardedEMA(engine, cfg.ema.decays, init=resumed["ema"] if resumed else None)
     step_fn = TrainStep(engine, precision, cfg.denoiser, cfg.optim, ema, cfg.data.seed)
+    resumed_feedback = resumed.get("feedback") if resumed else None
     del resumed, weights
 
     log_dir = cfg.logging.dir
@@ -185,6 +186,7 @@ def train_loop(loop_config: dict) -> None:
     skipped = torch.zeros((), dtype=torch.float64)
     t_last, step_last = time.perf_counter(), start_step
     keys_file = open(os.path.join(trace, f"keys-rank{rank}.jsonl"), "a") if trace else None
+    step_hist = start_step
 
     def save(step: int, metrics: dict, eval_grid: str | None) -> None:
         weights_, moments_ = full_state(engine)                    # collectives: every rank takes part
@@ -200,14 +202,27 @@ def train_loop(loop_config: dict) -> None:
                      "ema_decays": [str(d) for d in emas_], "skipped": int(metrics.get("skipped", 0))}
             if lora_base:
                 state["lora_base"] = lora_base
+            if data_cfg.feedback.active:
+                state["feedback"] = critic.record(index, data_cfg, step)
             write_checkpoint(tmp, weights_, moments_, {str(d): sd for d, sd in emas_.items()}, state, model_cfg,
                              cfg.text_encoder, cfg.denoiser, cfg.lora)
+            critic.save(tmp)
             if eval_grid:                                          # the scores' images travel with the weights
                 shutil.copyfile(eval_grid, os.path.join(tmp, "eval_grid.png"))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
     total = cfg.optim.steps
-    for step, batch in iter_batches(index, data_cfg, model_cfg.image_size, start_step, total, rank, world):
+    critic = CriticState.restore(resumed_feedback, data_cfg)
+
+    def batches():
+        """The run's batches, cut at each critic version: a segment's order uses the scores then in effect."""
+        at = start_step
+        while at < total:
+            end = critic.segment_end(at, total)
+            yield from iter_batches(index, data_cfg, model_cfg.image_size, at, end, rank, world, scores=critic.scores)
+            at = end
+
+    for step, batch in batches():
         if encoder is not None:
             text, mask = encoder(batch["caption"])
         else:
@@ -235,6 +250,8 @@ def train_loop(loop_config: dict) -> None:
             if peak:
                 metrics["mfu"] = train_flops * img_s / (peak * world)
             t_last, step_last = now, done
+        if critic.due(done):                                  # before the checkpoint, which saves it
+            metrics.update(critic.update(index, data_cfg, done, ema, model_cfg, cfg, rank))
         is_grid = bool(cfg.logging.sample_every) and (done % cfg.logging.sample_every == 0 or last)
         if is_grid or is_eval:                                     # both sample the EMA named by eval.weights
             if grid_encoder is None and rank == 0:
@@ -248,6 +265,9 @@ def train_loop(loop_config: dict) -> None:
             sample_grid(cfg, net, decay, grid_encoder, done, rank, log_dir)
         if logger and (is_log or is_eval):
             logger.log(metrics, done, total)
+            if is_log and index.attrs is not None:
+                logger.histograms(attribute_histograms(index, data_cfg, step_hist, done, critic.scores), done)
+                step_hist = done
         if is_ckpt:
             save(done, metrics, eval_grid if rank == 0 else None)
         elif is_log or is_eval:
@@ -258,6 +278,88 @@ def train_loop(loop_config: dict) -> None:
         keys_file.close()
     if logger:
         logger.close()
+
+
+class CriticState:
+    """The critic in effect (version, scores) on every rank; its weights on rank 0 for checkpoints."""
+
+    def __init__(self, cfg: DataConfig, result=None, scores=None, summary: dict | None = None):
+        self.cfg, self.result = cfg.feedback.critic, result
+        self.scores = scores
+        self.summary = summary or {}
+
+    @classmethod
+    def restore(cls, resumed: dict | None, cfg: DataConfig) -> "CriticState":
+        """From a checkpoint's saved critic (scores and their version), or none yet."""
+        if not resumed or resumed.get("scores") is None:
+            return cls(cfg)
+        return cls(cfg, scores=resumed["scores"], summary=resumed["state"], result=resumed.get("weights"))
+
+    def segment_end(self, at: int, total: int) -> int:
+        if not self.cfg.enabled:
+            return total
+        return min(total, (at // self.cfg.every + 1) * self.cfg.every)
+
+    def due(self, done: int) -> bool:
+        """At every multiple of `every`, the last step too: a run continued past it must find the
+        critic a longer run would have had there."""
+        return self.cfg.enabled and done % self.cfg.every == 0
+
+    def update(self, index, data_cfg: DataConfig, done: int, ema, model_cfg, cfg: TrainConfig, rank: int) -> dict:
+        """Run the critic job on the EMA weights (rank 0) and share its scores with every rank."""
+        import torch.distributed as dist
+
+        from jobs.train.critic import run_critic
+
+        emas = ema.full()                                          # a collective: every rank takes part
+        shared = [None]
+        if rank == 0:
+            t0 = time.perf_counter()
+            res = run_critic(index, data_cfg, done // self.cfg.every, done, model_cfg, emas[max(emas)],
+                             cfg.text_encoder, cfg.denoiser, data_cfg.seed)
+            self.result = res.weights
+            shared = [(res.scores, {**res.summary(), "critic_seconds": time.perf_counter() - t0})]
+            print(f"[train] step {done}: critic v{res.version}: {res.labelled} captions checked, model right on "
+                  f"{100 * res.success:.1f}%, critic loss {res.loss:.3f}", flush=True)
+        dist.broadcast_object_list(shared, src=0)
+        self.scores, self.summary = shared[0]
+        return {k: float(v) for k, v in self.summary.items()}
+
+    def record(self, index, data_cfg: DataConfig, step: int) -> dict:
+        """What the order decided, for train_state.json: the critic version and its scores' hash,
+        and the drops, skips and repeats of the epoch the checkpoint is in."""
+        from jobs.train.data import feedback_epoch, steps_per_epoch
+        from jobs.train.feedback import scores_digest
+
+        epoch = step // steps_per_epoch(index, data_cfg.batch_size)
+        _, decided = feedback_epoch(index, data_cfg, epoch, self.scores)
+        return {"critic_version": int(self.summary.get("critic_version", 0)), "critic_step": self.summary.get("critic_step"),
+                "scores_sha256": scores_digest(self.scores), "critic": self.summary,
+                "epoch": epoch, "decided": decided.__dict__}
+
+    def save(self, folder: str) -> None:
+        if self.scores is None:
+            return
+        from jobs.train.checkpoints import save_critic
+
+        save_critic(folder, self.scores, self.result)
+
+
+def attribute_histograms(index, data_cfg: DataConfig, first: int, last: int, scores) -> dict[str, np.ndarray]:
+    """Per attribute category: the value ids (vocabulary order) of every row the steps [first, last) used."""
+    from jobs.train.data import worker_rows
+    from jobs.train.feedback import CATEGORIES
+
+    attrs = index.attrs
+    rows = worker_rows(index, data_cfg, first, last, 0, 1, scores)
+    cat_of = attrs.category_of()
+    vals = np.concatenate([attrs.values[attrs.offsets[r]:attrs.offsets[r + 1]] for r in rows] or [np.zeros(0, np.int32)])
+    out = {}
+    for k, c in enumerate(CATEGORIES):
+        if (cat_of == k).any():
+            local = np.cumsum(cat_of == k) - 1                     # value id -> its rank within the category
+            out[f"data/attr_{c}"] = local[vals[cat_of[vals] == k]]
+    return out
 
 
 def sample_grid(cfg: TrainConfig, net, decay, encoder, step: int, rank: int, log_dir: str) -> None:

@@ -36,12 +36,13 @@ class Logger:
 
     def __init__(self, cfg, log_dir: str, run_id: str, start_step: int):
         self.sinks, self.closers, self.failed = [], [], set()
+        self.tb = None
         os.makedirs(log_dir, exist_ok=True)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # Logged steps count steps done: a resume at step s keeps s and redoes s+1 onwards.
-            tb = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
+            tb = self.tb = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
             self.sinks.append(lambda m, s: [tb.add_scalar(k, v, s) for k, v in m.items()] and tb.flush())
             self.closers.append(tb.close)
         if cfg.logging.wandb_project:
@@ -79,6 +80,18 @@ class Logger:
                     print(f"[train] warning: a metrics sink failed at step {step} ({type(err).__name__}: {err}); "
                           "training goes on, the console and the other sinks keep logging", flush=True)
                 self.failed.add(i)
+
+    def histograms(self, values: dict, step: int) -> None:
+        """Histograms (tag -> integer values, one bin per value) to TensorBoard, e.g. the attribute
+        values of the rows trained on since the last log (data.feedback)."""
+        import numpy as np
+
+        if self.tb is None:
+            return
+        for tag, v in values.items():
+            if len(v):
+                self.tb.add_histogram(tag, np.asarray(v), step, bins=np.arange(int(np.max(v)) + 2) - 0.5)
+        self.tb.flush()
 
     def close(self) -> None:
         for close in self.closers:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.jobs.train.fixtures import make_dataset, tiny, trace
+from tests.jobs.train.fixtures import make_dataset, make_world_dataset, tiny, trace
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,12 @@ def squares(tmp_path_factory):
     """40 rows -> 38 usable (2 failed fetches), one corrupt image, an empty shard: 4 steps per epoch."""
     root = tmp_path_factory.mktemp("train") / "squares"
     return str(make_dataset(str(root), n=40, size=16, shards=3, failed=(3, 17), corrupt=(5,), empty_shard=True))
+
+
+@pytest.fixture(scope="session")
+def world_data(tmp_path_factory):
+    """48 synthetic-world scenes at 32 px (exact captions the world checker reads): 6 steps of 8."""
+    return make_world_dataset(str(tmp_path_factory.mktemp("train") / "world"))
 
 
 @pytest.fixture(scope="session")

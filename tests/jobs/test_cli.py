@@ -88,7 +88,7 @@ def bad_input_cases(tmp):
                     (["merge"], "takes SRC OUT (0 given)"),
                     (["merge", missing, tmp / "m"], f"{missing} does not exist: give a weights folder"),
                     (["unmerge"], "unknown action 'unmerge': one of import, export, merge")],
-        "bench": [(["nosuch"], "unknown action 'nosuch': one of fetch, train, index, join, weights, learn, all"),
+        "bench": [(["nosuch"], "unknown action 'nosuch': one of fetch, train, index, join, weights, learn, feedback, all"),
                   (["fetch", "rounds=2"], "takes no settings (key=value or --config)"),
                   (["all", "--", "--rounds", "2"], "bench all runs every benchmark with its defaults")],
     }

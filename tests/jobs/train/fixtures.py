@@ -76,6 +76,28 @@ def make_dataset(root: str, n: int = 64, size: int = 32, shards: int = 4, prefix
     return root
 
 
+def make_world_dataset(root: str, n: int = 48, size: int = 32, shards: int = 2, relation_fraction: float = 0.3) -> str:
+    """`n` synthetic-world scenes (pipelines/world.py: exact captions the world checker reads) as
+    fetch-style shards with a manifest, for the critic, which labels samples with that checker."""
+    from pipelines.world import WorldConfig, image_bytes, make_scene
+
+    config = WorldConfig(seed=3, size=size, relation_fraction=relation_fraction)
+    entries = []
+    per = -(-n // shards)
+    for s in range(shards):
+        rows = [{"key": f"{i:06d}", "caption": make_scene(i, config).caption, "image": image_bytes(i, config),
+                 "status": "success"} for i in range(s * per, min(n, (s + 1) * per))]
+        uri = storage.join(root, f"shard-{s:05d}.parquet")
+        fs, path = storage.resolve(uri)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            pq.write_table(pa.Table.from_pylist(rows), f, row_group_size=8)
+        entries.append(manifest_lib.shard_entry(root, uri, len(rows)))
+    manifest_lib.write(root, manifest_lib.Manifest(kind="fetch", config={"generated": "synthetic world", "n": n},
+                                                   shards=entries, stats={"rows": n}))
+    return root
+
+
 def wandb_offline_history(run_file: str) -> tuple[str, list[dict]]:
     """(run id, history rows) of an offline W&B run file (`run-<id>.wandb`).
 
