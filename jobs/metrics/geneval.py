@@ -142,6 +142,87 @@ def load_metadata(uri: str | Path) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Metadata from a free caption (the data-feedback critic's labeller on real training data)
+#
+# Hand-written: no library turns a caption into GenEval's clauses. It reads the forms GenEval's
+# own prompts are written in (djghosh13/geneval prompts/create_prompts.py: "a/an" articles,
+# number words, plurals by `+s`/`+es`, a colour word before its class, "A <relation> B" with B
+# as clause 0), so every official prompt parses back to its metadata line, and applies the same
+# reading to any caption: each mention of a COCO class becomes a clause.
+
+NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+           "eight": 8, "nine": 9, "ten": 10}
+# Plurals ordinary English uses beside GenEval's `+s` / `+es` (make_plural).
+IRREGULAR_PLURALS = {"person": ("people",), "knife": ("knives",), "sheep": ("sheep",), "skis": ("skis",),
+                     "scissors": ("scissors",), "computer mouse": ("computer mice",), "bus": ("buses",)}
+
+
+def _plurals(name: str) -> tuple[str, ...]:
+    """GenEval's plural (make_plural: "+es" after s, else "+s", so its "benchs") and the English ones."""
+    english = (name + "es" if name.endswith(("s", "x", "z", "ch", "sh")) else
+               name[:-1] + "ies" if name.endswith("y") and name[-2] not in "aeiou" else name + "s")
+    return tuple(dict.fromkeys((name + ("es" if name.endswith("s") else "s"), english, *IRREGULAR_PLURALS.get(name, ()))))
+
+
+# (word tuple, class, plural?), longest first so "hot dog" wins over "dog" and "wine glass" over "glass".
+_FORMS = sorted(((tuple(form.split()), cls, plural) for cls in CLASSES
+                 for form, plural in ((cls, False), *((p, True) for p in _plurals(cls)))),
+                key=lambda f: -len(f[0]))
+
+
+def caption_metadata(caption: str) -> dict | None:
+    """GenEval metadata for a caption: a clause per COCO class mention (count from its number word,
+    exact with an `exclude` of count + 1 as GenEval's counting prompts are; colour from the word
+    before it; "A left of/right of/above/below B" as a position clause on B), tagged as GenEval
+    would tag it. None when the caption names no COCO class: such a caption cannot be judged."""
+    words = "".join(c if c.isalnum() or c == "-" else " " for c in caption.lower().replace("-colored", "")).split()
+    mentions: list[dict] = []         # {class, count, exact, color, start, end}
+    i = 0
+    while i < len(words):
+        form = next((f for f in _FORMS if tuple(words[i:i + len(f[0])]) == f[0]), None)
+        if form is None:
+            i += 1
+            continue
+        cls, plural, start = form[1], form[2], i
+        if cls in COLORS and any(tuple(words[i + 1:i + 1 + len(f[0])]) == f[0] for f in _FORMS):
+            i += 1                    # "an orange car": the colour, not the fruit
+            continue
+        color = words[start - 1] if start >= 1 and words[start - 1] in COLORS else None
+        j = start - (2 if color else 1)
+        number = NUMBERS.get(words[j]) if j >= 0 else None
+        count = number if number is not None and (number > 1) == plural else 1
+        mentions.append({"class": cls, "count": count, "exact": plural and number is not None and number > 1,
+                         "color": color, "start": j if number is not None else start - (1 if color else 0),
+                         "end": start + len(form[0])})
+        i = start + len(form[0])
+    if not mentions:
+        return None
+    include: list[dict] = []
+    exclude: list[dict] = []
+    position = None
+    if len(mentions) == 2:
+        between = " ".join(words[mentions[0]["end"]:mentions[1]["start"]])
+        position = next((r for r in RELATIONS if between == r or between.endswith(" " + r) or between == "to the " + r), None)
+    order = [mentions[1], mentions[0]] if position else mentions       # GenEval: the reference object is clause 0
+    for k, m in enumerate(order):
+        clause = {"class": m["class"], "count": m["count"]}
+        if m["color"]:
+            clause["color"] = m["color"]
+        if position and k == 1:
+            clause["position"] = [position, 0]
+        include.append(clause)
+        if m["exact"]:
+            exclude.append({"class": m["class"], "count": m["count"] + 1})
+    colours = sum("color" in c for c in include)
+    tag = ("position" if position else "color_attr" if colours >= 2 else "counting" if exclude
+           else "colors" if colours else "two_object" if len(include) >= 2 else "single_object")
+    meta = {"tag": tag, "include": include, "prompt": caption}
+    if exclude:
+        meta["exclude"] = exclude
+    return meta
+
+
 def is_geneval(meta: dict | None) -> bool:
     """Does an image's metadata come from a GenEval metadata line?"""
     return bool(meta) and "tag" in meta and "include" in meta

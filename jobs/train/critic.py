@@ -3,8 +3,9 @@
 Every `data.feedback.critic.every` steps the train loop (rank 0) runs `critic_job` as a Ray task:
 1. sample the current EMA model (jobs/inference.py) on `label_rows` training captions, chosen by
    (seed, version), one image each from the per-image noise of (row id, version);
-2. label each image with the exact checker (the synthetic world's, jobs/metrics/world.py): 1 when
-   the model got the caption right;
+2. label each image with the checker: the synthetic world's exact checks (jobs/metrics/world.py),
+   or on real data GenEval's rules (jobs/metrics/geneval.py) on the clauses read from each caption
+   (`caption_metadata`) with its detector and CLIP: 1 when the model got the caption right;
 3. train torchvision's ResNet-18 (weights=None, one logit) on the *training* images of those rows
    against the labels: it learns which kinds of rows the model already handles;
 4. score the training rows with it (sigmoid, [R] float32; rows not scored or not decodable: NaN).
@@ -52,19 +53,39 @@ def _images(index: Index, data: DataConfig, rows: np.ndarray, size: int) -> tupl
     return [str(c) for c in got["caption"]], images, valid
 
 
-def _label(checker: str, images: np.ndarray, captions: list[str]) -> np.ndarray:
-    """1.0 where the checker passes the image for its caption, 0.0 where not, NaN where it cannot parse it."""
-    from jobs.metrics.world import check_image
-
+def _label(cfg: CriticFeedback, images: np.ndarray, captions: list[str]) -> np.ndarray:
+    """1.0 where the checker passes the image for its caption, 0.0 where not, NaN where it cannot read
+    the caption (a world checker on a non-world caption; a GenEval checker on a caption naming no
+    COCO class, or with a colour word and no clip_model)."""
     out = np.full(len(captions), np.nan, dtype=np.float32)
-    for i, (im, cap) in enumerate(zip(images, captions)):
-        try:
-            out[i] = float(check_image(im, cap).correct)
-        except ValueError:
-            pass
+    if cfg.checker == "geneval":
+        from jobs.metrics.geneval import GenEvalJudge, caption_metadata
+        from jobs.metrics.mask2former import Mask2FormerDetector
+
+        clip = None
+        if cfg.clip_model:
+            from jobs.metrics.clip_score import ClipScorer
+
+            clip = ClipScorer(cfg.clip_model)
+        judge = GenEvalJudge(Mask2FormerDetector(cfg.detector), clip)
+        metas = [caption_metadata(c) for c in captions]
+        usable = [i for i, m in enumerate(metas)
+                  if m is not None and (clip is not None or not any("color" in r for r in m["include"]))]
+        for i, rec in zip(usable, judge(images[usable], [metas[i] for i in usable]) if usable else []):
+            out[i] = float(rec["correct"])
+        what = "captions naming a COCO class (and, without clip_model, no colour)"
+    else:
+        from jobs.metrics.world import check_image
+
+        for i, (im, cap) in enumerate(zip(images, captions)):
+            try:
+                out[i] = float(check_image(im, cap).correct)
+            except ValueError:
+                pass
+        what = "synthetic-world captions"
     if np.isnan(out).all():
-        raise ValueError(f"data.feedback.critic.checker {checker!r} could not read any of the {len(captions)} training "
-                         f"captions (e.g. {captions[0]!r}): it labels synthetic-world captions only")
+        raise ValueError(f"data.feedback.critic.checker {cfg.checker!r} could not read any of the {len(captions)} training "
+                         f"captions (e.g. {captions[0]!r}): it labels {what} only")
     return out
 
 
@@ -94,7 +115,7 @@ def critic_job(index: Index, data: DataConfig, cfg: CriticFeedback, version: int
     sampler = resolve_sampler(SamplerConfig(sampler="euler", steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale),
                               {"denoiser": config_lib.to_dict(denoiser)})
     samples = sample_images(net, encoder, sampler, captions, indices=rows.tolist(), seeds=version)
-    labels = _label(cfg.checker, samples, captions)
+    labels = _label(cfg, samples, captions)
     keep = valid & ~np.isnan(labels)
     x, y = _to_input(train_images[keep]), torch.from_numpy(labels[keep])
 

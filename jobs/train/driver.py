@@ -219,11 +219,22 @@ def run(cfg: TrainConfig) -> int:
     try:
         result = main(cfg)
     except TrainingFailedError as err:                 # the workers' own error is in its message
-        print(f"minit2i train: failed: {err}", flush=True)
-        return 1
+        return failed(cfg, err)
     if result.error is not None:
-        print(f"minit2i train: failed: {result.error}", flush=True)
-        return 1
+        return failed(cfg, result.error)
     ckpt = result.checkpoint
     print(f"[train] done: {result.metrics}\n[train] latest checkpoint: {ckpt.path if ckpt else None}", flush=True)
     return 0
+
+
+def failed(cfg: TrainConfig, err: BaseException) -> int:
+    """A run whose workers failed past scaling.max_failures. With a complete checkpoint of its own the
+    same command continues from it (prepare() resumes a run folder that has checkpoints), so that is
+    the resumable exit (75, with the sentence that says so); without one, a plain failure (1)."""
+    print(f"minit2i train: failed: {err}", flush=True)
+    newest = newest_checkpoint(storage.join(cfg.storage_path, cfg.name))
+    if newest is None:
+        return 1
+    step = json.loads(storage.read_bytes(storage.join(newest, STATE_NAME)))["step"]
+    raise retry.Resumable(f"training failed after its checkpoint at step {step} ({newest}): "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")

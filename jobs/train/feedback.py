@@ -51,7 +51,10 @@ class StatsFeedback:
 class CriticFeedback:
     enabled: bool = False
     every: int = 100                     # steps between critic versions (a Ray job samples the EMA and retrains it)
-    checker: str | None = None           # labeller of the samples: "world" (the synthetic world's exact checks)
+    checker: str | None = None           # labeller of the samples: "world" (the synthetic world's exact checks) or
+                                         # "geneval" (GenEval's rules on clauses read from each caption, real data)
+    detector: str | None = None          # geneval: the Mask2Former folder or official mmdetection .pth (metrics.geneval_detector)
+    clip_model: str | None = None        # geneval: CLIP folder for colour clauses (captions with a colour need it)
     label_rows: int = 128                # training captions sampled and checked per version
     sample_steps: int = 10               # sampler steps for those samples
     cfg_scale: float = 2.0               # guidance for those samples
@@ -77,7 +80,7 @@ class FeedbackConfig:
         return self.stats.enabled or self.critic.enabled
 
 
-CHECKERS = ("world",)
+CHECKERS = ("world", "geneval")
 
 
 def check(cfg: FeedbackConfig) -> None:
@@ -99,6 +102,9 @@ def check(cfg: FeedbackConfig) -> None:
                              f"to one of {', '.join(CHECKERS)} (the labeller of the model's samples)")
         if c.checker not in CHECKERS:
             raise ValueError(f"data.feedback.critic.checker {c.checker!r}: known checkers are {', '.join(CHECKERS)}")
+        if c.checker == "geneval" and not c.detector:
+            raise ValueError("data.feedback.critic.checker geneval needs data.feedback.critic.detector (a Mask2Former "
+                             "folder or the official mmdetection .pth; clip_model too for colour words)")
         if c.every < 1 or c.label_rows < 2 or c.train_steps < 1 or c.sample_steps < 1 or c.image_size < 8:
             raise ValueError("data.feedback.critic: every, train_steps, sample_steps >= 1, label_rows >= 2, image_size >= 8")
 

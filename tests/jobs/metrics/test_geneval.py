@@ -157,3 +157,23 @@ def test_judge_runs_the_detector_and_the_rules(tmp_path):
     assert list(details) == ["clock"] and all(len(b) == 5 and b[4] > 0.3 for b in details["clock"])
     with pytest.raises(ValueError, match="metrics.clip_model"):
         judge_(blank_images(1), [GENEVAL_LINES[3]])
+
+
+def test_captions_read_as_geneval_clauses():
+    """Every official prompt form reads back to its metadata line (create_prompts.py's templates);
+    a free caption gives a clause per COCO class it names, or None when it names none."""
+    for line in GENEVAL_LINES:
+        assert geneval.caption_metadata(line["prompt"]) == line, line["prompt"]
+    meta = geneval.caption_metadata("Two dogs sit on a red bench.")
+    assert meta["tag"] == "counting" and meta["exclude"] == [{"class": "dog", "count": 3}]
+    assert meta["include"] == [{"class": "dog", "count": 2}, {"class": "bench", "count": 1, "color": "red"}]
+    assert geneval.caption_metadata("an orange car")["include"] == [{"class": "car", "count": 1, "color": "orange"}]
+    assert geneval.caption_metadata("an orange")["include"] == [{"class": "orange", "count": 1}]
+    assert geneval.caption_metadata("a hot dog")["include"] == [{"class": "hot dog", "count": 1}]
+    assert geneval.caption_metadata("people waiting for a bus")["include"] == [{"class": "person", "count": 1},
+                                                                              {"class": "bus", "count": 1}]
+    assert geneval.caption_metadata("a cat to the left of a dog")["include"] == [
+        {"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left of", 0]}]
+    assert geneval.caption_metadata("a sunset over the sea") is None
+    for line in GENEVAL_LINES:
+        geneval.parse_metadata(geneval.caption_metadata(line["prompt"]), "parsed")

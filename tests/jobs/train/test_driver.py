@@ -178,3 +178,26 @@ def test_bad_config_key_missing_dataset_and_bad_resume_are_loud(tmp_path, square
         main(tiny(tmp_path, squares, "x", "scaling.num_workers=2", "optim.micro_batch=3"))
     with pytest.raises(FileNotFoundError, match="eval.prompts .*none.txt does not exist"):
         main(tiny(tmp_path, squares, "x", "eval.every=4", f"eval.prompts={tmp_path / 'none.txt'}"))
+
+
+def test_a_run_failed_past_max_failures_is_resumable_only_with_a_checkpoint(reference_run, tmp_path, monkeypatch, capsys):
+    """Workers failing past scaling.max_failures end `fit()` with TrainingFailedError. A run folder
+    holding a complete checkpoint resumes when the same command runs again: exit 75 and the sentence
+    that says so; a run with no checkpoint yet is a plain failure (1)."""
+    from ray.train import TrainingFailedError
+
+    from jobs import cli
+    from jobs.train import driver
+
+    def fail(cfg):
+        raise TrainingFailedError("Training failed: worker rank 1 died (SIGKILL)\nmore detail")
+
+    monkeypatch.setattr(driver, "main", fail)
+    ref = reference_run["cfg"]
+    code = cli.main(["train", f"name={ref.name}", f"storage_path={ref.storage_path}"])
+    err = capsys.readouterr().err
+    assert code == 75, err
+    assert "failed, resumable: training failed after its checkpoint at step 3" in err and "worker rank 1 died" in err
+    assert "run the same command again to resume (exit 75)" in err
+    assert cli.main(["train", "name=never-checkpointed", f"storage_path={tmp_path}"]) == 1
+    assert "minit2i train: failed: Training failed: worker rank 1 died" in capsys.readouterr().out

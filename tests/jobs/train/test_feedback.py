@@ -103,6 +103,29 @@ def test_bad_feedback_settings_are_one_line_errors(squares, tmp_path, cli):
     code, _, err = cli("train", "--config", "jobs/configs/debug.yaml", f"data.datasets=[{squares}]",
                        "data.feedback.critic.enabled=true")
     assert code == 2 and "without a checker" in err and "\n" not in err
+    with pytest.raises(ValueError, match="checker geneval needs data.feedback.critic.detector"):
+        check(FeedbackConfig(critic=CriticFeedback(enabled=True, checker="geneval")))
+
+
+def test_geneval_critic_labels_real_captions_by_the_official_rules(tmp_path):
+    """On real data the critic labels a sample by GenEval's rules on the clauses read from its caption:
+    a tiny Mask2Former whose every query says "clock" passes "a clock", fails "a bench"; a caption
+    naming no COCO class, or a colour word without a CLIP, stays unlabelled (NaN)."""
+    from jobs.metrics import geneval
+    from jobs.metrics.mask2former import Mask2FormerDetector
+    from jobs.train.critic import _label
+    from tests.jobs.metrics.benchmark_fixtures import blank_images, build_tiny_mask2former
+
+    folder = build_tiny_mask2former(tmp_path / "m2f", favour=geneval.CLASSES.index("clock"))
+    captions = ["A clock on the wall.", "two benches in a park", "a sunset over the sea", "a red clock"]
+    images = blank_images(len(captions))
+    labels = _label(CriticFeedback(enabled=True, checker="geneval", detector=str(folder)), images, captions)
+    direct = geneval.GenEvalJudge(Mask2FormerDetector(folder))(
+        images[:2], [geneval.caption_metadata(c) for c in captions[:2]])
+    assert labels[:2].tolist() == [float(r["correct"]) for r in direct] == [1.0, 0.0]
+    assert np.isnan(labels[2:]).all()
+    with pytest.raises(ValueError, match="labels captions naming a COCO class"):
+        _label(CriticFeedback(enabled=True, checker="geneval", detector=str(folder)), images[2:3], captions[2:3])
 
 
 FEEDBACK_RUN = ["data.partitions=2", "checkpoint.every=2", "logging.every=2",
