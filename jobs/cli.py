@@ -280,24 +280,48 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["RAY_ADDRESS"] = parsed.address        # jobs/ray_init.py joins it (and so do child processes)
             else:
                 raise UsageError("--address: this command does not run on Ray")
-        os.environ.setdefault(STAGE_ENV, name)                   # names the stage in retry lines, here and in workers
         run: Callable[..., Any] = _load(spec.run)
-        return int((run(cfg, parsed.rest or []) if spec.passthrough else run(cfg)) or 0)
-    except Resumable as err:
-        # Committed work is kept (shards, checkpoints, markers): the same command picks up from it.
-        if os.environ.get("MINIT2I_DEBUG"):
+        outer_stage = os.environ.get(STAGE_ENV)
+        os.environ.setdefault(STAGE_ENV, name)                   # names the stage in retry lines, here and in workers
+        try:
+            return int((run(cfg, parsed.rest or []) if spec.passthrough else run(cfg)) or 0)
+        finally:
+            if outer_stage is None:                              # a command run in-process leaves no stage behind
+                os.environ.pop(STAGE_ENV, None)
+    except Exception as err:
+        # Committed work is kept (shards, checkpoints, markers): the same command picks up from it. A
+        # Ray task or Ray Data stage hands the failure back wrapped, so the cause chain is searched.
+        cause = resumable_cause(err)
+        if cause is None or os.environ.get("MINIT2I_DEBUG"):
+            if cause is None and isinstance(err, (ValueError, OSError)):
+                return bad_input(where, err)
             raise
-        message = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
+        message = " ".join(str(cause).split("\n")[0].split()) or type(cause).__name__
         print(f"{where}: failed, resumable: {message}\n{where}: {RESUME_HINT} (exit {EXIT_RESUMABLE})", file=sys.stderr)
         return EXIT_RESUMABLE
-    except (ValueError, OSError) as err:
-        # Bad input (a path, a config key, a preset name, a full disk) is reported as one line that
-        # says what and where; MINIT2I_DEBUG=1 shows the traceback as well.
-        if os.environ.get("MINIT2I_DEBUG"):
-            raise
-        message = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
-        print(f"{where}: error: {message}", file=sys.stderr)
-        return 2
+
+
+def resumable_cause(err: BaseException | None) -> BaseException | None:
+    """The Resumable failure behind `err`: itself, or one in its cause chain (`raise ... from`, or a
+    Ray error's `.cause`); None if there is none. (Not `__context__`: an error raised while another
+    was being handled is its own failure.)"""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, Resumable):
+            return err
+        err = getattr(err, "cause", None) or err.__cause__
+    return None
+
+
+def bad_input(where: str, err: BaseException) -> int:
+    """Bad input (a path, a config key, a preset name, a full disk) is reported as one line that says
+    what and where; MINIT2I_DEBUG=1 shows the traceback as well."""
+    if os.environ.get("MINIT2I_DEBUG"):
+        raise err
+    message = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
+    print(f"{where}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

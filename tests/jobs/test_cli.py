@@ -153,3 +153,22 @@ def test_a_subprocess_run_reports_the_same_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("minit2i curate: error: sources.blip3o must be a section")
     assert "Traceback" not in proc.stderr
+
+
+def _fail_with_storage(batch):
+    from pipelines.retry import StorageUnavailable
+
+    raise StorageUnavailable("PUT s3://test-bucket/x/shard-00000.parquet still failing after the 20s budget")
+
+
+def test_storage_failing_inside_a_ray_data_stage_is_found_as_resumable(ray_session):
+    """A Ray Data stage hands a worker's StorageUnavailable back wrapped (UserCodeException, RayTaskError);
+    the CLI finds it in the cause chain, so the stage exits 75, not 2 or a traceback."""
+    from jobs.cli import resumable_cause
+    from pipelines.retry import StorageUnavailable
+
+    with pytest.raises(Exception) as info:
+        ray_session.data.range(4).map_batches(_fail_with_storage).materialize()
+    cause = resumable_cause(info.value)
+    assert isinstance(cause, StorageUnavailable) and "shard-00000.parquet" in str(cause), repr(info.value)
+    assert resumable_cause(ValueError("bad key")) is None

@@ -445,19 +445,22 @@ class _ManifestWatcher:
         for _ in range(20_000):                       # bounded; stopped by the test long before
             if self.stop.wait(0.2):
                 return
+            self.look()
+
+    def look(self) -> None:
+        try:
+            text = self.s3.get_object(Bucket="test-bucket", Key=f"{self.prefix}/manifest.json")["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            return
+        self.seen += 1
+        for s in manifest.Manifest.from_json(text.decode()).shards:
             try:
-                text = self.s3.get_object(Bucket="test-bucket", Key=f"{self.prefix}/manifest.json")["Body"].read()
+                data = self.s3.get_object(Bucket="test-bucket", Key=f"{self.prefix}/{s.path}")["Body"].read()
             except self.s3.exceptions.NoSuchKey:
+                self.bad.append(f"{s.path} missing")
                 continue
-            self.seen += 1
-            for s in manifest.Manifest.from_json(text.decode()).shards:
-                try:
-                    data = self.s3.get_object(Bucket="test-bucket", Key=f"{self.prefix}/{s.path}")["Body"].read()
-                except self.s3.exceptions.NoSuchKey:
-                    self.bad.append(f"{s.path} missing")
-                    continue
-                if hashlib.sha256(data).hexdigest() != s.sha256:
-                    self.bad.append(f"{s.path} differs")
+            if hashlib.sha256(data).hexdigest() != s.sha256:
+                self.bad.append(f"{s.path} differs")
 
     def __enter__(self) -> "_ManifestWatcher":
         self.thread.start()
@@ -466,6 +469,7 @@ class _ManifestWatcher:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join(timeout=30)
+        self.look()                                   # and once as the job left it: the manifest is written last
 
 
 def boto3_client(endpoint: str):
@@ -542,7 +546,8 @@ def test_fetch_survives_losing_a_node_mid_run(two_nodes, image_server, tmp_path)
     stderr = done.stderr
     assert done.returncode == 0, stderr[-3000:]
     committed = {name.rsplit(".", 1)[0] for name in seen}
-    assert "resubmitting in" in stderr, stderr[-3000:]                       # the lost shard went round again
+    # The lost shard runs again: Ray's own retry of a task whose node died, or, once those are spent,
+    # the job's resubmission after backoff ("resubmitting in"); either way each row lands once below.
     table = _read_dataset(str(out))
     assert table.column("status").to_pylist() == ["success"] * 8                 # nothing lost
     assert manifest.verify(str(out)) == []
