@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from jobs import repo_path
-from pipelines.retry import EXIT_RESUMABLE, RESUME_HINT, STAGE_ENV, Resumable
+from pipelines.retry import EXIT_RESUMABLE, RESUME_HINT, STAGE_ENV, Resumable, StorageUnavailable
 
 
 @dataclass(frozen=True)
@@ -305,12 +305,19 @@ def resumable_cause(err: BaseException | None) -> BaseException | None:
     """The Resumable failure behind `err`: itself, or one in its cause chain (`raise ... from`, or a
     Ray error's `.cause`); None if there is none. (Not `__context__`: an error raised while another
     was being handled is its own failure.)"""
-    seen: set[int] = set()
+    first, seen = err, set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, Resumable):
             return err
         err = getattr(err, "cause", None) or err.__cause__
+    # Ray Data hands a stage's failure back as RayTaskError(UserCodeException) without the original
+    # exception object; only its traceback text names it ("pipelines.retry.StorageUnavailable: ...").
+    text = str(first) if first is not None and type(first).__module__.startswith("ray.") else ""
+    for cls in (StorageUnavailable, Resumable):
+        marker = f"{cls.__module__}.{cls.__qualname__}: "
+        if marker in text:
+            return cls(text.split(marker, 1)[1].splitlines()[0])
     return None
 
 
