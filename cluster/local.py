@@ -148,6 +148,16 @@ class LocalCluster:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> "LocalCluster":
+        """Start the head and the workers; a start that fails is stopped and tried once more on new
+        ports (a port `free_port` chose can be taken by another process before Ray binds it, and a
+        loaded machine can miss one of Ray's own start-up waits)."""
+        try:
+            return self._start_once()
+        except RuntimeError as err:
+            print(f"cluster: start failed, trying once more on new ports: {str(err).splitlines()[0]}", file=sys.stderr)
+        return self._start_once()
+
+    def _start_once(self) -> "LocalCluster":
         # A short root: Ray puts unix sockets under it, and their paths must stay under ~107 bytes.
         root = tempfile.mkdtemp(prefix="m2r-", dir="/tmp")
         self.state = ClusterState(root=root, host=self.host, gcs_port=free_port(self.host),
@@ -203,7 +213,9 @@ class LocalCluster:
                 proc.wait()
                 rc = None
         if rc != 0:
-            tail = Path(log_path).read_text(errors="replace")[-3000:]
+            # The lines that say what went wrong, not the dashboard's module listing.
+            lines = Path(log_path).read_text(errors="replace").splitlines()
+            tail = "\n".join([line for line in lines if " INFO " not in line][-40:])[-3000:]
             what = "timed out" if rc is None else f"exited {rc}"
             raise RuntimeError(f"`ray start` for node {name} {what} (log {log_path}):\n{tail}")
 
@@ -212,7 +224,13 @@ class LocalCluster:
         state = self._started()
         alive = len(alive_nodes(self.dashboard_url, self._token))
         state.num_workers += 1
-        self._ray_start(f"worker{state.num_workers}", self.cpus_per_node, ["--address", state.address])
+        try:
+            self._ray_start(f"worker{state.num_workers}", self.cpus_per_node, ["--address", state.address])
+        except RuntimeError as err:      # as in start(): once more, as a new node
+            print(f"cluster: worker{state.num_workers} failed to start, trying once more: {str(err).splitlines()[0]}",
+                  file=sys.stderr)
+            state.num_workers += 1
+            self._ray_start(f"worker{state.num_workers}", self.cpus_per_node, ["--address", state.address])
         deadline = time.monotonic() + self.start_timeout
         while len(alive_nodes(self.dashboard_url, self._token)) <= alive:
             if time.monotonic() > deadline:

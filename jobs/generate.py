@@ -176,13 +176,27 @@ class SampleShard:
             indices = [int(v) for v in batch["index"][j]]
             seeds = [int(v) for v in batch["seed"][j]]
             prompts = [str(v) for v in batch["prompt"][j]]
-            images = self.sample(prompts, indices, seeds)
-            n = write_shard(self.cfg.out, int(k), indices, seeds, prompts, [str(v) for v in batch["metadata"][j]],
-                            images, self.settings, self.cfg.format, self.digest)
+            # A shard committed by an actor that died before Ray Data got its answer (a lost node)
+            # comes back as a retried batch: it is kept, not made again.
+            done = committed_marker(self.cfg.out, int(k))
+            if done is not None and done.get("digest") == self.digest:
+                n = int(done["rows"])
+            else:
+                images = self.sample(prompts, indices, seeds)
+                n = write_shard(self.cfg.out, int(k), indices, seeds, prompts, [str(v) for v in batch["metadata"][j]],
+                                images, self.settings, self.cfg.format, self.digest)
             summary["shard"].append(int(k))
             summary["rows"].append(n)
             summary["seconds"].append(time.perf_counter() - t0)
         return {k: np.asarray(v) for k, v in summary.items()}
+
+
+def committed_marker(out: str, k: int) -> dict | None:
+    """Shard k's done-marker when the shard and its marker are both written, else None."""
+    marker = storage.join(out, DONE_DIR, f"{k:05d}.json")
+    if storage.exists(marker) and storage.exists(storage.join(out, shard_name(k))):
+        return json.loads(storage.read_bytes(marker))
+    return None
 
 
 @retry.in_stage("generate")
@@ -248,10 +262,10 @@ def generate_images(cfg: GenerateConfig) -> dict[str, Any]:
     shards = plan_shards(prompts, cfg.seeds, cfg.shard_size)
     pending = []
     for s in shards:
-        marker = storage.join(cfg.out, DONE_DIR, f"{s['shard']:05d}.json")
-        if storage.exists(marker) and storage.exists(storage.join(cfg.out, shard_name(s["shard"]))):
-            done = json.loads(storage.read_bytes(marker))
+        done = committed_marker(cfg.out, s["shard"])
+        if done is not None:
             if done.get("digest") != digest:
+                marker = storage.join(cfg.out, DONE_DIR, f"{s['shard']:05d}.json")
                 raise ValueError(f"{cfg.out} holds images made with other settings or prompts ({marker}); "
                                  f"write to a new out folder")
             continue

@@ -29,14 +29,65 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# `make test` runs the suite on two pytest-xdist workers (gw0, gw1): each is a session of its own,
+# with its own Ray instance, S3 server and clusters, on loopback addresses of its own.
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+
+
+def loopback(base: str) -> str:
+    """This worker's copy of loopback address `base` (worker k adds 100k to the last number)."""
+    head, last = base.rsplit(".", 1)
+    return f"{head}.{int(last) + 100 * XDIST_WORKER}"
+
+
 # Every Ray socket of the tests stays on loopback: Ray replaces 127.0.0.1 with the machine's outward
-# address, so the session instance (and every job a test starts) is pinned to 127.0.0.3.
-os.environ.setdefault("MINIT2I_RAY_NODE_IP", "127.0.0.3")
+# address, so the session instance (and every job a test starts) is pinned to 127.0.0.3 (worker 0).
+os.environ["MINIT2I_RAY_NODE_IP"] = loopback(os.environ.get("MINIT2I_RAY_NODE_IP", "127.0.0.3"))
 # The retry policy of the tests (pipelines/retry.py): a 20 s budget, so an outage of 14 s is survived
 # and one of 30 s is not, without minutes of waiting. Set before Ray starts: its workers inherit it.
 os.environ.setdefault("MINIT2I_RETRY", "budget=20,first_delay=0.2,max_delay=2")
+# The outage the stage tests ride out (seconds). `MINIT2I_TEST_OUTAGE=300` with the default policy
+# (`MINIT2I_RETRY=budget=600`) measures the 5-minute case; each such test prints its recovery time.
+OUTAGE = float(os.environ.get("MINIT2I_TEST_OUTAGE", "14"))
 # The test machine has 2 cores; Ray is told it has 4 logical CPUs so Data tasks fit beside Train workers.
 RAY_NUM_CPUS = 4
+
+
+# Tests that share an expensive session fixture run on one xdist worker, or each worker would build
+# it: the training runs of tests/jobs/conftest.py, the node-loss cluster, the module clusters of
+# tests/cluster. Every other module is a group of its own (its module fixtures are built once).
+# The longest groups are listed first so they start first and the workers end together.
+GROUPS = {
+    "tests/jobs/tune/test_schedule.py": "train-runs", "tests/jobs/train/test_driver.py": "train-runs",
+    "tests/jobs/test_generate.py": "node-loss", "tests/pipelines/test_curate.py": "node-loss",
+    "tests/pipelines/test_fetch.py": "node-loss",
+    "tests/cluster/test_local.py": "clusters", "tests/cluster/test_submit.py": "clusters",
+}
+FIRST = ["train-runs", "node-loss", "tests/jobs/test_start_from_released.py", "tests/jobs/test_demo.py",
+         "tests/pipelines/test_recaption.py"]
+
+
+def _group(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return GROUPS.get(path, path)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A stable sort: within a group the order stays the files' own.
+    items.sort(key=lambda item: FIRST.index(_group(item.nodeid)) if _group(item.nodeid) in FIRST else len(FIRST))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling with GROUPS for scopes: each group (a module, or the modules sharing
+    a fixture) runs whole on one worker, in the collection order above. (Its own `loadgroup` marks
+    do not reach the scheduler under pytest 9.2, whose node ids xdist 3.8 can no longer rename.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -164,15 +215,28 @@ def kill_node_mid_run(cluster, args: list[str], folder: Path, timeout: float = 2
     (name -> mtime in ns, to tell later whether one was written again)."""
     import time
 
+    from pipelines.storage import TEMP_MARK
+
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "--address", cluster.address], cwd=ROOT,
                             env={**cluster.env(), "RAY_ADDRESS": ""}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + timeout
-        while not (folder.exists() and any(folder.iterdir())):
+        def committed() -> dict[str, int]:
+            """The files in `folder` (not a temporary one caught before its rename)."""
+            found = {}
+            for p in folder.iterdir() if folder.exists() else ():
+                try:
+                    if TEMP_MARK not in p.name:
+                        found[p.name] = p.stat().st_mtime_ns
+                except FileNotFoundError:
+                    continue
+            return found
+
+        while not committed():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, f"nothing in {folder} within {timeout:.0f}s"
             time.sleep(0.1)
-        seen = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+        seen = committed()
         kill_worker_node(cluster)
         stdout, stderr = proc.communicate(timeout=300)
     finally:

@@ -51,6 +51,7 @@ class Counters:
     outage_answers: int = 0
     dropped_writes: int = 0
     outage_started: float = 0.0      # monotonic time an armed outage (`outage_on`) began
+    outage_ended: float = 0.0        # ... and the time it ended (or will end)
     methods: dict[str, int] = field(default_factory=dict)
 
 
@@ -104,6 +105,13 @@ class FaultProxy:
     def clear(self) -> None:
         with self.lock:
             self.faults = Faults()
+
+    def recovery(self, stage: str) -> str:
+        """A line for the test's output: the armed outage a stage rode out and how long after its
+        end the stage finished (call it as the stage returns)."""
+        c = self.counters
+        return (f"{stage}: rode out {c.outage_ended - c.outage_started:.0f}s of outage; "
+                f"done {time.monotonic() - c.outage_ended:.1f}s after it ended")
 
     @property
     def in_outage(self) -> bool:
@@ -159,6 +167,7 @@ class _RelayHandler(BaseHTTPRequestHandler):
             if faults.armed and faults.armed[0] == self.command and faults.armed[1] in self.path:
                 faults.outage_until, faults.armed = time.monotonic() + faults.armed[2], None
                 proxy.counters.outage_started = time.monotonic()
+                proxy.counters.outage_ended = faults.outage_until
             outage = time.monotonic() < faults.outage_until
             drop = (self.command in ("PUT", "POST") and faults.drop_share > 0
                     and faults.rng.random() < faults.drop_share)

@@ -150,6 +150,21 @@ def ensure_process_group(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
+def skip_cpu_shm_kernel(device: torch.device) -> None:
+    """On the CPU, keep DeepSpeed from JIT-compiling its shared-memory all-reduce kernel.
+
+    DeepSpeed's comm backend builds `deepspeed_shm_comm` (C++, ~45 s of compiling on a 2-core box,
+    again whenever the torch build or the environment path changes) when it starts on the CPU
+    accelerator, but only its inference all-reduce uses it: training's collectives go through the
+    gloo process group. Marking the op incompatible is the one switch DeepSpeed reads
+    (`deepspeed.comm.torch.build_shm_op`); there is no setting for it."""
+    if device.type != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 # --------------------------------------------------------------------------------------------
 # EMA of the locally owned fp32 slices
 # --------------------------------------------------------------------------------------------
@@ -262,6 +277,7 @@ def build_engine(model_cfg: MMJiTConfig, optim: OptimConfig, batch: int, device:
         raise ValueError("lora with optim.zero_stage=3 is not supported: ZeRO-3 would partition the frozen base "
                          "weights too; use zero_stage 1 or 2 (the adapters are small)")
     ensure_process_group(device)
+    skip_cpu_shm_kernel(device)
     precision = resolve_precision(optim, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)

@@ -7,6 +7,7 @@ from jobs.generate import GenerateConfig, generate_images, load_generated, read_
 from jobs.inference import SamplerSection, load_model, sample_images
 from model.denoiser import SamplerConfig
 from pipelines import manifest
+from tests.conftest import OUTAGE
 from tests.jobs.metrics.helpers import make_checkpoint, write_prompts
 
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "three purple circles", "a white square"]
@@ -84,12 +85,14 @@ def test_generate_to_s3_rides_out_an_outage(ray_session, s3_server, s3_faults, t
     out = "s3://test-bucket/faults/generate"
     cfg = _cfg(tmp_path, ckpt)
     cfg.out = out
-    s3_faults.outage_on("faults/generate/shard-00001.parquet", 14)
+    s3_faults.outage_on("faults/generate/shard-00001.parquet", OUTAGE)
     try:
         assert generate_images(cfg)["generated"] == 10
+        recovered = s3_faults.recovery("generate")
     finally:
         s3_faults.clear()
     assert f"generate: PUT {out}/shard-00001.parquet" in capfd.readouterr().err
+    print(recovered)
     assert manifest.verify(out) == [] and manifest.strays(out) == [] and storage.open_uploads(out) == []
     local = _cfg(tmp_path, ckpt)
     generate_images(local)

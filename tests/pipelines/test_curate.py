@@ -17,7 +17,7 @@ from pipelines.config import from_dict
 from model.text_encoder import build_tiny_t5
 from pipelines import manifest, storage
 from pipelines.curate import CurateConfig, HammingIndex, aspect_bucket, caption_attributes, curate
-from tests.conftest import run_cli
+from tests.conftest import OUTAGE, run_cli
 from tests.pipelines.sources.layouts import (BLIP3O_TARS, encode, smooth_image, wds_members, write_dalle3_release,
                                              write_geneval_prompts, write_parquet, write_sharegpt, write_sharegpt_release,
                                              write_tar)
@@ -141,10 +141,12 @@ def builds(world, ray_session, s3_server, s3_faults, tmp_path_factory):
         cfg = from_dict(CurateConfig, _config(world, output, **par))
         answered = s3_faults.counters.outage_answers
         if storage.is_s3(output):
-            s3_faults.outage_on("curate/b/shard-00002.parquet", 14)
+            s3_faults.outage_on("curate/b/shard-00002.parquet", OUTAGE)
             s3_faults.drop_writes(0.25, seed=2)
         try:
             curate(cfg, log=logs.append)
+            if storage.is_s3(output):
+                print(s3_faults.recovery("curate"))
         finally:
             s3_faults.clear()
         assert storage.is_s3(output) == (s3_faults.counters.outage_answers > answered)   # the outage did land

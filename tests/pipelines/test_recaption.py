@@ -16,7 +16,7 @@ import pytest
 
 from model.text_encoder import build_tiny_t5, count_tokens, load_tokenizer
 from pipelines import fetch, manifest, recaption, storage
-from tests.conftest import ROOT, run_cli
+from tests.conftest import OUTAGE, ROOT, run_cli
 from tests.pipelines.sources.layouts import write_llava_captions
 
 WORDS = "a an the photo picture of red green blue cat dog car tree house sky person on in with and small large image describe this".split()
@@ -206,13 +206,15 @@ def test_s3_wds_import_and_join(ray_session, models, cc12m_mirror, s3_server, s3
                    "max_in_flight=2", env=env, timeout=300)
     assert "fetch: 7/10 images" in proc.stdout and f"manifest: {data}/manifest.json" in proc.stdout
     assert [e.path for e in manifest.read(data).inputs] == tars
-    s3_faults.outage_on("cc12m-mirror-llava/shard-00001.parquet", 14)
+    s3_faults.outage_on("cc12m-mirror-llava/shard-00001.parquet", OUTAGE)
     try:
         result = recaption.run(recaption.RecaptionConfig(data=data, out=out, from_jsonl=str(cc12m_mirror["captions"]),
                                                          join_on="key", t5_tokenizer=str(t5)))
+        recovered = s3_faults.recovery("recaption")
     finally:
         s3_faults.clear()
     assert f"recaption: PUT {out}/shard-00001.parquet" in capfd.readouterr().err     # the retry line names it
+    print(recovered)
     assert "joined by key: 10/10 rows (100.00%)" in recaption.summary(result)
     assert manifest.strays(out) == [] and storage.open_uploads(out) == []
     table = _table(out)

@@ -15,7 +15,7 @@ import pytest
 from jobs.train.data import DataConfig, ReadRows, build_index
 from model.text_encoder import FrozenT5, TextEncoderConfig
 from pipelines import manifest, storage, text_features
-from tests.conftest import run_cli
+from tests.conftest import OUTAGE, run_cli
 from tests.jobs.train.fixtures import make_dataset
 
 L = 24   # prompt length: the longest captions ("a yellow square on the right") reach it in ByT5 bytes
@@ -100,10 +100,11 @@ def test_encode_text_cli_on_s3(tmp_path, s3_server, s3_faults):
     """The command on S3 rides out 14 s of SlowDown from its second shard's upload on: its own Ray
     workers get the tests' retry budget (20 s) from the job's runtime_env."""
     data = make_dataset("s3://test-bucket/encode/squares", n=8, size=8, shards=2)
-    s3_faults.outage_on("encode/squares-t5/shard-00001.parquet", 14)
+    s3_faults.outage_on("encode/squares-t5/shard-00001.parquet", OUTAGE)
     try:
         proc = run_cli("encode-text", data, "s3://test-bucket/encode/squares-t5",
                        "text_encoder.prompt_length=16", "batch_size=4")
+        print(s3_faults.recovery("encode-text"))
     finally:
         s3_faults.clear()
     assert "encode-text: PUT s3://test-bucket/encode/squares-t5/shard-00001.parquet" in proc.stderr

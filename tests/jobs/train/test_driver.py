@@ -62,7 +62,7 @@ def test_zero_stage_matches_one_worker_and_learns(zero_runs, reference_run, squa
     # It learns: against the untrained model's first loss (a window of early steps is already
     # learning and, with run-to-run rounding drift of ~10% by step 15, too close to call).
     assert np.mean(losses[-4:]) < 0.7 * losses[0], losses
-    ckpt = next(p for p in (runs / "runs" / name).glob("checkpoint_*") if state_of(p)["step"] == 16)   # (later re-runs add more)
+    ckpt = next(p for p in (runs / "runs" / name).glob("checkpoint_*") if p.is_dir() and state_of(p)["step"] == 16)   # (later re-runs add more)
     state = state_of(ckpt)
     assert state["step"] == 16 and state["samples"] == 16 * G and state["world_size"] == 2 and state["passes"] == 1
     assert state["skipped"] >= 1                                 # the corrupt image: counted, not fatal

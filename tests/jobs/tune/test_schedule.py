@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from jobs.train.checkpoints import newest_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, loopback
 from tests.jobs.conftest import state_of
 from tests.jobs.train.fixtures import TINY, assert_no_repeats_no_gaps, latest, step_losses, tensorboard_steps, tiny, trace
 
@@ -90,7 +90,7 @@ def sweep(tmp_path_factory, squares, ray_session, runs):
     cfg = sweep_config(tmp, squares)
     (tmp / "schedule.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp / "sweep"
-    with LocalCluster(num_workers=1, cpus_per_node=2, object_store_memory=200 << 20) as cluster:
+    with LocalCluster(num_workers=1, cpus_per_node=2, object_store_memory=200 << 20, host=loopback("127.0.0.4")) as cluster:
         command = [sys.executable, "-m", "jobs.cli", "tune", "schedule", "--config", str(tmp / "schedule.yaml"),
                    "--address", cluster.address]
         env = {**cluster.env(), "RAY_ADDRESS": ""}      # the address comes from the command line
