@@ -56,15 +56,12 @@ RAY_NUM_CPUS = 4
 # Tests that share an expensive session fixture run on one xdist worker, or each worker would build
 # it: the training runs of tests/jobs/conftest.py, the node-loss cluster, the module clusters of
 # tests/cluster. Every other module is a group of its own (its module fixtures are built once).
-# The longest groups are listed first so they start first and the workers end together.
 GROUPS = {
     "tests/jobs/tune/test_schedule.py": "train-runs", "tests/jobs/train/test_driver.py": "train-runs",
     "tests/jobs/test_generate.py": "node-loss", "tests/pipelines/test_curate.py": "node-loss",
     "tests/pipelines/test_fetch.py": "node-loss",
     "tests/cluster/test_local.py": "clusters", "tests/cluster/test_submit.py": "clusters",
 }
-FIRST = ["train-runs", "node-loss", "tests/jobs/test_start_from_released.py", "tests/jobs/test_demo.py",
-         "tests/pipelines/test_recaption.py"]
 
 
 def _group(nodeid: str) -> str:
@@ -72,15 +69,10 @@ def _group(nodeid: str) -> str:
     return GROUPS.get(path, path)
 
 
-def pytest_collection_modifyitems(config, items):
-    # A stable sort: within a group the order stays the files' own.
-    items.sort(key=lambda item: FIRST.index(_group(item.nodeid)) if _group(item.nodeid) in FIRST else len(FIRST))
-
-
 def pytest_xdist_make_scheduler(config, log):
     """xdist's scope scheduling with GROUPS for scopes: each group (a module, or the modules sharing
-    a fixture) runs whole on one worker, in the collection order above. (Its own `loadgroup` marks
-    do not reach the scheduler under pytest 9.2, whose node ids xdist 3.8 can no longer rename.)"""
+    a fixture) runs whole on one worker. (xdist's own `loadgroup` marks do not reach its scheduler
+    under pytest 9.2, whose node ids xdist 3.8 can no longer rename.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class GroupScheduling(LoadScopeScheduling):
