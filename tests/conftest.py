@@ -29,8 +29,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-# `make test` runs the suite on two pytest-xdist workers (gw0, gw1): each is a session of its own,
-# with its own Ray instance, S3 server and clusters, on loopback addresses of its own.
+# `make test TEST_WORKERS=N` runs the suite on N pytest-xdist workers (gw0, gw1, ...): each is a
+# session of its own, with its own Ray instance, S3 server and clusters, on loopback addresses of its own.
 XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 
 
@@ -209,21 +209,21 @@ def kill_node_mid_run(cluster, args: list[str], folder: Path, timeout: float = 2
 
     from pipelines.storage import TEMP_MARK
 
+    def committed() -> dict[str, int]:
+        """The files in `folder` (not a temporary one caught before its rename)."""
+        found = {}
+        for p in folder.iterdir() if folder.exists() else ():
+            try:
+                if TEMP_MARK not in p.name:
+                    found[p.name] = p.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+        return found
+
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "--address", cluster.address], cwd=ROOT,
                             env={**cluster.env(), "RAY_ADDRESS": ""}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + timeout
-        def committed() -> dict[str, int]:
-            """The files in `folder` (not a temporary one caught before its rename)."""
-            found = {}
-            for p in folder.iterdir() if folder.exists() else ():
-                try:
-                    if TEMP_MARK not in p.name:
-                        found[p.name] = p.stat().st_mtime_ns
-                except FileNotFoundError:
-                    continue
-            return found
-
         while not committed():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, f"nothing in {folder} within {timeout:.0f}s"
