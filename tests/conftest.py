@@ -49,6 +49,10 @@ os.environ.setdefault("MINIT2I_RETRY", "budget=20,first_delay=0.2,max_delay=2")
 # The outage the stage tests ride out (seconds). `MINIT2I_TEST_OUTAGE=300` with the default policy
 # (`MINIT2I_RETRY=budget=600`) measures the 5-minute case; each such test prints its recovery time.
 OUTAGE = float(os.environ.get("MINIT2I_TEST_OUTAGE", "14"))
+# Every Ray instance of the tests (the session's, each command's own, the loopback clusters) starts
+# without prestarting idle workers for its first driver: on 2 cores their start-up (about a
+# CPU-second each) delays the processes the test waits on, and most of them are never used.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # The test machine has 2 cores; Ray is told it has 4 logical CPUs so Data tasks fit beside Train workers.
 RAY_NUM_CPUS = 4
 

@@ -63,7 +63,7 @@ class DataConfig:
     partitions: int = 0                                  # streams per global batch; 0 = the first run's worker count (recorded)
     shuffle_rows: int = 1024                             # rows shuffled together within a stream (reader memory ~ 2x this)
     steps_per_block: int = 4                             # optimiser steps per Ray Data block (pipelining grain)
-    decode_actors: int = 1                               # DecodeCrop actors per train worker
+    decode_actors: int = 1                               # DecodeCrop actors per train worker; 0 = the reader decodes
     decode_cpus: float = 0.5                             # CPUs reserved per DecodeCrop actor
     read_cpus: float = 0.25                              # CPUs reserved for the worker's ReadRows actor
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)   # statistics / critic sampling (jobs/train/feedback.py)
@@ -480,6 +480,20 @@ class DecodeCrop:
         return out
 
 
+class ReadDecode:
+    """ReadRows then DecodeCrop in one actor (data.decode_actors = 0): the same rows and pixels as the
+    two stages, one process per train worker instead of two. For small images on few CPUs (the
+    debug preset, a laptop), where a second actor costs more to start than its decoding saves."""
+
+    def __init__(self, index: Index, cfg: DataConfig, plan: tuple[int, int, int, int] | None, scores: np.ndarray | None,
+                 size: int):
+        self.read = ReadRows(index, cfg, plan, scores)
+        self.decode = DecodeCrop(size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.decode(self.read(batch))
+
+
 def _collate_class():
     from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -525,14 +539,19 @@ def iter_batches(index: Index, cfg: DataConfig, image_size: int, start_step: int
         last = min(end_step, step + max(1, MAX_PIPELINE_ROWS // b))
         n = (last - step) * b
         block = b * cfg.steps_per_block
-        ds = (ray.data.from_numpy([np.arange(i, min(n, i + block)) for i in range(0, n, block)])
-              # The one reader runs blocks in order; several queued at once keep it ahead of decoding
-              # (with Ray Data's default of 2 in flight the decode actors waited on it half the time).
-              .map_batches(ReadRows, fn_constructor_args=(index, cfg, (step, last, rank, world), scores), batch_size=None,
-                           compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=4 * cfg.decode_actors + 4),
-                           num_cpus=cfg.read_cpus)
-              .map_batches(DecodeCrop, fn_constructor_args=(image_size,), batch_size=b,
-                           compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors), num_cpus=cfg.decode_cpus))
+        ds = ray.data.from_numpy([np.arange(i, min(n, i + block)) for i in range(0, n, block)])
+        plan = (step, last, rank, world)
+        if cfg.decode_actors:
+            # The one reader runs blocks in order; several queued at once keep it ahead of decoding
+            # (with Ray Data's default of 2 in flight the decode actors waited on it half the time).
+            ds = (ds.map_batches(ReadRows, fn_constructor_args=(index, cfg, plan, scores), batch_size=None,
+                                 compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=4 * cfg.decode_actors + 4),
+                                 num_cpus=cfg.read_cpus)
+                    .map_batches(DecodeCrop, fn_constructor_args=(image_size,), batch_size=b,
+                                 compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors), num_cpus=cfg.decode_cpus))
+        else:
+            ds = ds.map_batches(ReadDecode, fn_constructor_args=(index, cfg, plan, scores, image_size), batch_size=None,
+                                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.read_cpus)
         # Prefetch two blocks: the decode actors never wait on the consumer between blocks.
         for batch in ds.iter_torch_batches(batch_size=b, collate_fn=_collate_class(), prefetch_batches=2 * cfg.steps_per_block,
                                            pin_memory=torch.cuda.is_available()):

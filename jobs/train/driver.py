@@ -39,6 +39,8 @@ def check(cfg: TrainConfig) -> tuple[int, int]:
         raise ValueError(f"data.batch_size {G} must be a positive multiple of scaling.num_workers {W}")
     if cfg.data.partitions < 0 or (cfg.data.partitions and G % cfg.data.partitions):
         raise ValueError(f"data.partitions {cfg.data.partitions} must divide data.batch_size {G} (or be 0: one per worker)")
+    if cfg.data.decode_actors < 0:
+        raise ValueError(f"data.decode_actors {cfg.data.decode_actors} must be >= 0 (0: each worker's reader decodes)")
     if cfg.optim.steps < 1 or cfg.checkpoint.every < 1 or cfg.logging.every < 1 or cfg.eval.every < 0:
         raise ValueError("optim.steps, checkpoint.every and logging.every must be >= 1 (eval.every >= 0)")
     for key, module in (("wandb_project", "wandb"), ("mlflow_tracking_uri", "mlflow")):

@@ -33,11 +33,13 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_run(ray_session, squares, runs, s3_server):
     """One worker, 3 steps, checkpoints on S3 (moto on loopback), with the sample order of two
-    streams (data.partitions=2) so the 2-worker runs' steps compare with it."""
+    streams (data.partitions=2) so the 2-worker runs' steps compare with it. It decodes in actors of
+    their own (data.decode_actors=1, the GPU presets' layout), the other runs in their readers (the
+    debug preset's 0): the comparisons show both serve the same batches."""
     from jobs.train.driver import main
 
     cfg = tiny(runs, squares, "ref", "scaling.num_workers=1", "data.partitions=2", "optim.steps=3",
-               "storage_path=s3://test-bucket/runs")
+               "data.decode_actors=1", "storage_path=s3://test-bucket/runs")
     result = main(cfg)
     return {"result": result, "steps": copy.deepcopy(trace(runs / "trace" / "ref")), "cfg": cfg}
 

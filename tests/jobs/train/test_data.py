@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.train.data import (DataConfig, DecodeCrop, ReadRows, build_index, epoch_order, steps_per_epoch, to_model_range,
-                             worker_rows)
+from jobs.train.data import (DataConfig, DecodeCrop, ReadDecode, ReadRows, build_index, epoch_order, steps_per_epoch, to_model_range,
+                             worker_rows, with_partitions)
 from tests.jobs.train.fixtures import make_dataset, square_png
 
 
@@ -144,6 +144,13 @@ def test_stages_decode_crop_and_count_a_corrupt_image(squares):
     np.testing.assert_allclose(x[0, :, 0, 0].numpy(), out["image"][0, 0, 0] / 127.5 - 1, atol=1e-6)
     bad = [k for k, v in zip(out["key"], out["valid"]) if not v]
     assert bad == ["000005"]
+    # data.decode_actors=0: the reader decodes in its own actor, and serves the same rows and pixels.
+    plan = (0, 4, 1, 2)
+    cfg = with_partitions(cfg, 2)
+    fused, split = ReadDecode(index, cfg, plan, None, 16), (ReadRows(index, cfg, plan), DecodeCrop(16))
+    for block in (np.arange(0, 8), np.arange(8, 16)):
+        a, b = fused({"data": block}), split[1](split[0]({"data": block}))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     data, caption = square_png(0, 16)
     ok = DecodeCrop(8)({"key": np.array(["k"]), "image": np.array([data], dtype=object), "caption": np.array([caption])})
     assert ok["valid"].all() and ok["image"].shape == (1, 8, 8, 3)

@@ -146,7 +146,7 @@ def test_an_interrupted_sweep_restores_and_finishes(sweep):
     assert code == 0 and "tune: interrupted; rerun the same command" in out, out[-3000:]
     second = sweep["second"]
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "tune: resuming" in second.stdout and "a trial holds 3.75 CPUs, 0 GPUs; 1 at a time" in second.stdout
+    assert "tune: resuming" in second.stdout and "a trial holds 2.75 CPUs, 0 GPUs; 1 at a time" in second.stdout
     table = results(sweep)
     assert len(table) == 2 and (table.status == "TERMINATED").all() and (table.error.isna() | (table.error == "")).all()
     # Trial A went on from its own checkpoint: the restored attempt's first step is a checkpoint's.
