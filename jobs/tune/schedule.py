@@ -146,7 +146,7 @@ def train_callbacks(objective: ObjectiveConfig) -> list:
 
 
 def release_callback():
-    """A Tune callback that removes a finished or stopped trial's Train placement group.
+    """A Tune callback that removes a finished, stopped or failed trial's Train placement group.
 
     When ASHA stops a trial, Tune ends the trial's process, and with it the Train controller it
     owns, before the controller can remove its workers' placement group; a placement group lives
@@ -161,6 +161,11 @@ def release_callback():
             release(trial.last_result.get(PG_KEY))
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            release(trial.last_result.get(PG_KEY))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            # A trial whose process died with its node (run.max_failures retries it): its Train
+            # controller died too, and its workers' placement group would keep the CPUs the retry needs.
             release(trial.last_result.get(PG_KEY))
 
     return ReleaseTrainResources()

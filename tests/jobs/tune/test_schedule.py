@@ -2,8 +2,9 @@
 Data ingest), swept by Ray Tune with ASHA, on a two-node Ray cluster on loopback.
 
 One sweep, run as a user runs it (the command line, `--address`), is checked by several tests:
-trial A (the debug schedule) has a worker killed after its first checkpoint, then the sweep is
-interrupted (Ctrl+C) after A's next checkpoint and restored by re-running the same command; trial B
+trial A (the debug schedule) loses the worker node (and the Train worker on it) after its first
+checkpoint, then the sweep is interrupted (Ctrl+C) after A's next checkpoint and restored by
+re-running the same command; trial B
 (t_mu = 3, almost clean images, whose v-loss is huge) is stopped by ASHA at the first rung. Every
 trial's losses are then compared with `minit2i train` runs of the same settings.
 """
@@ -11,7 +12,6 @@ trial's losses are then compared with `minit2i train` runs of the same settings.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from jobs.train.checkpoints import newest_checkpoint
-from tests.conftest import ROOT, loopback
+from tests.conftest import ROOT, kill_worker_node, loopback
 from tests.jobs.conftest import state_of
 from tests.jobs.train.fixtures import TINY, assert_no_repeats_no_gaps, latest, step_losses, tensorboard_steps, tiny, trace
 
@@ -48,14 +48,14 @@ def sweep_config(tmp_path, data: str) -> dict:
     }
 
 
-def wait_for(what: str, check, proc, timeout: float = 400):
+def wait_for(what: str, check, proc, log, timeout: float = 400):
     deadline = time.monotonic() + timeout
     while True:
         found = check()
         if found:
             return found
-        assert proc.poll() is None, f"the sweep exited before {what}:\n{proc.stdout.read()}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
+        assert proc.poll() is None, f"the sweep exited before {what}:\n{log.read_text()[-5000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout}s; the sweep's output ends:\n{log.read_text()[-5000:]}"
         time.sleep(0.2)
 
 
@@ -94,22 +94,30 @@ def sweep(tmp_path_factory, squares, ray_session, runs):
         command = [sys.executable, "-m", "jobs.cli", "tune", "schedule", "--config", str(tmp / "schedule.yaml"),
                    "--address", cluster.address]
         env = {**cluster.env(), "RAY_ADDRESS": ""}      # the address comes from the command line
-        first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Its output goes to a file: a pipe nobody reads until the end fills up with the log lines of
+        # a lost node, and the sweep would block writing them.
+        log = tmp / "first.log"
+        with open(log, "w") as sink:
+            first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
         try:
-            # Trial A: once the controller has registered its first checkpoint (step 4), kill rank 1.
+            # Trial A: once the controller has registered its first checkpoint (step 4), kill the worker node.
             run_a = wait_for("trial A's first checkpoint", lambda: next(
-                (d for d in trial_dirs(out) if registered_step(d) >= EVERY), None), first)
+                (d for d in trial_dirs(out) if registered_step(d) >= EVERY), None), first, log)
             trace_a = tmp / "trace" / run_a.name
-            wait_for("trial A's workers", lambda: (trace_a / "pid-rank1.txt").exists(), first)
+            wait_for("trial A's workers", lambda: (trace_a / "pid-rank1.txt").exists(), first, log)
             pids = {r: json.loads((trace_a / f"pid-rank{r}.txt").read_text()) for r in (0, 1)}
             killed_at, registered_at_kill = max(trace(trace_a)), registered_step(run_a)
-            os.kill(pids[1]["pid"], signal.SIGKILL)
+            # The worker node goes as a preempted spot instance does (its raylet SIGKILLed, and the
+            # Train worker there with it); a replacement joins, as an autoscaler would start one.
+            kill_worker_node(cluster)
+            cluster.add_worker()
             # Once the new worker group has a checkpoint registered, interrupt the sweep as Ctrl+C does.
             wait_for("a checkpoint after the restart", lambda: registered_step(run_a) > registered_at_kill and any(
-                e["pid"] != pids[0]["pid"] for e in read_jsonl(trace_a / "keys-rank0.jsonl")), first)
+                e["pid"] != pids[0]["pid"] for e in read_jsonl(trace_a / "keys-rank0.jsonl")), first, log)
             interrupted_at, registered_at_interrupt = max(trace(trace_a)), registered_step(run_a)
             first.send_signal(signal.SIGINT)
-            first_out, _ = first.communicate(timeout=300)
+            first.wait(timeout=300)
+            first_out = log.read_text()
             registered_at_exit = registered_step(run_a)       # the interrupted trial may finish a report on its way out
         finally:
             if first.poll() is None:
@@ -174,13 +182,16 @@ def test_asha_stops_the_bad_schedule_at_the_first_rung(sweep):
         assert (sweep["out"] / name).stat().st_size > 0
 
 
-def test_a_trial_whose_worker_dies_resumes_from_its_checkpoint(sweep, squares):
+def test_a_trial_that_loses_a_node_resumes_from_its_checkpoint(sweep, squares):
     trace_a = sweep["tmp"] / "trace" / sweep["run_a"].name
     first = sweep["pids"]
     assert first[0]["node"] != first[1]["node"], "workers should land on both nodes (SPREAD)"
     assert sweep["killed_at"] < STEPS - 1, "the trial finished before the kill"
-    after = json.loads((trace_a / "pid-rank1.txt").read_text())
-    assert after["pid"] != first[1]["pid"], "a new worker group took over"
+    after = {r: json.loads((trace_a / f"pid-rank{r}.txt").read_text()) for r in (0, 1)}
+    assert after[1]["pid"] != first[1]["pid"], "a new worker group took over"
+    # It runs on the head and the replacement node: the lost node's worker did not come back.
+    before, now = {first[r]["node"] for r in (0, 1)}, {after[r]["node"] for r in (0, 1)}
+    assert len(now) == 2 and len(now & before) == 1, (before, now)
     # The restarted group went back to the last checkpoint (a multiple of 4) and re-did the steps
     # after it (found by the process that logged each step: a kill right after a checkpoint re-does none).
     entries = [json.loads(line) for line in (trace_a / "keys-rank0.jsonl").read_text().splitlines()]
