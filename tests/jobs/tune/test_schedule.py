@@ -4,9 +4,9 @@ Data ingest), swept by Ray Tune with ASHA, on a two-node Ray cluster on loopback
 One sweep, run as a user runs it (the command line, `--address`), is checked by several tests:
 trial A (the debug schedule) loses the worker node (and the Train worker on it) after its first
 checkpoint, then the sweep is interrupted (Ctrl+C) after A's next checkpoint and restored by
-re-running the same command; trial B
-(t_mu = 3, almost clean images, whose v-loss is huge) is stopped by ASHA at the first rung. Every
-trial's losses are then compared with `minit2i train` runs of the same settings.
+re-running the same command; trial B (t_mu = 3, almost clean images, whose v-loss is huge) is
+stopped by ASHA at the first rung. Every trial's losses are then compared with `minit2i train` runs
+of the same settings.
 """
 
 from __future__ import annotations
