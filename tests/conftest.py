@@ -43,16 +43,21 @@ def loopback(base: str) -> str:
 # Every Ray socket of the tests stays on loopback: Ray replaces 127.0.0.1 with the machine's outward
 # address, so the session instance (and every job a test starts) is pinned to 127.0.0.3 (worker 0).
 os.environ["MINIT2I_RAY_NODE_IP"] = loopback(os.environ.get("MINIT2I_RAY_NODE_IP", "127.0.0.3"))
-# The retry policy of the tests (pipelines/retry.py): a 20 s budget, so an outage of 14 s is survived
-# and one of 30 s is not, without minutes of waiting. Set before Ray starts: its workers inherit it.
-os.environ.setdefault("MINIT2I_RETRY", "budget=20,first_delay=0.2,max_delay=2")
+# The retry policy of the tests (pipelines/retry.py): a 12 s budget with waits capped at 1 s, so an
+# outage of 6 s is survived after several capped waits, and one longer than 12 s is not, without
+# minutes of waiting. Set before Ray starts: its workers inherit it.
+os.environ.setdefault("MINIT2I_RETRY", "budget=12,first_delay=0.2,max_delay=1")
 # The outage the stage tests ride out (seconds). `MINIT2I_TEST_OUTAGE=300` with the default policy
 # (`MINIT2I_RETRY=budget=600`) measures the 5-minute case; each such test prints its recovery time.
-OUTAGE = float(os.environ.get("MINIT2I_TEST_OUTAGE", "14"))
+OUTAGE = float(os.environ.get("MINIT2I_TEST_OUTAGE", "6"))
 # Every Ray instance of the tests (the session's, each command's own, the loopback clusters) starts
 # without prestarting idle workers for its first driver: on 2 cores their start-up (about a
 # CPU-second each) delays the processes the test waits on, and most of them are never used.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+# Ray Train starts a preemption watcher (an actor watching for node drain notices) with every worker
+# group; no test cluster sends such notices (a lost node here is a killed raylet, which Train sees
+# without it), and each watcher costs a process start, so the tests run without.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # The test machine has 2 cores; Ray is told it has 4 logical CPUs so Data tasks fit beside Train workers.
 RAY_NUM_CPUS = 4
 

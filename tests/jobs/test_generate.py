@@ -78,7 +78,7 @@ def test_read_prompts_errors(tmp_path):
 
 
 def test_generate_to_s3_rides_out_an_outage(ray_session, s3_server, s3_faults, tmp_path, ckpt, capfd):
-    """Shards written by the sampling actors ride out 14 s of SlowDown (the tests' budget is 20 s) and
+    """Shards written by the sampling actors ride out the tests' outage of SlowDown (OUTAGE, within the retry budget) and
     hold the same images as a local run; no multipart upload or stray object is left."""
     from pipelines import storage
 

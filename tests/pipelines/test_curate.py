@@ -132,8 +132,8 @@ def _row_id(r: dict) -> str:
 @pytest.fixture(scope="module")
 def builds(world, ray_session, s3_server, s3_faults, tmp_path_factory):
     """The same inputs and config built twice: serially in one block on local disk, and spread over
-    workers into S3 through 14 s of SlowDown from its third shard's upload on (the tests' retry budget
-    is 20 s) with a quarter of the writes' answers cut."""
+    workers into S3 through the tests' outage of SlowDown (OUTAGE, within the retry budget) from its third
+    shard's upload on with a quarter of the writes' answers cut."""
     out = tmp_path_factory.mktemp("builds")
     logs = []
     for output, par in ((out / "a", dict(blocks=1, concurrency=1, batch_size=2, read_rows=2)),

@@ -489,8 +489,8 @@ def test_fetch_to_s3_rides_out_an_outage_and_resumes_past_the_budget(ray_session
     out = "s3://test-bucket/faults/fetch"
     hits = sum(image_server.hits.values())
     try:
-        # 14 s of SlowDown from shard 1's upload on (the session's budget is 20 s), a quarter of the
-        # writes cut after they landed; the fetch finishes, downloading each image once.
+        # OUTAGE seconds of SlowDown from shard 1's upload on (within the session's budget), a quarter
+        # of the writes cut after they landed; the fetch finishes, downloading each image once.
         s3_faults.outage_on("shard-00001.parquet", OUTAGE)
         s3_faults.drop_writes(0.25, seed=1)
         with _ManifestWatcher(s3_moto, "faults/fetch") as watcher:

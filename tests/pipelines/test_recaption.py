@@ -188,8 +188,8 @@ def test_mirror_joined_by_key_is_what_the_pretrain_config_reads(ray_session, mod
 
 def test_s3_wds_import_and_join(ray_session, models, cc12m_mirror, s3_server, s3_faults, tmp_path, capfd):
     """The mirror's tars on S3 -> `minit2i fetch wds=...` (the command, joining the test's Ray cluster
-    as a job on a cluster would) -> S3 -> the LLaVA captions joined by key -> S3, through 14 s of
-    SlowDown from the second joined shard's upload on (the tests' retry budget is 20 s)."""
+    as a job on a cluster would) -> S3 -> the LLaVA captions joined by key -> S3, through the tests'
+    outage of SlowDown (OUTAGE, within the retry budget) from the second joined shard's upload on."""
     import boto3
 
     _, t5 = models

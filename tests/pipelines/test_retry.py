@@ -133,7 +133,7 @@ def test_the_filesystem_for_checkpoint_uploads_keeps_its_retries_in_a_worker_and
     import pickle
 
     fs = pickle.loads(pickle.dumps(storage.s3_filesystem()))
-    assert isinstance(fs, storage.RetryingS3FileSystem) and fs.attempts == storage.sdk_attempts(retry.policy()) == 12
+    assert isinstance(fs, storage.RetryingS3FileSystem) and fs.attempts == storage.sdk_attempts(retry.policy()) == 11
     s3_faults.outage(5)
     try:
         with fs.open_output_stream("test-bucket/retry/ckpt/model.safetensors") as f:   # a multipart upload

@@ -97,8 +97,8 @@ def test_encode_text_names_a_corrupt_shard_and_keeps_what_it_committed(ray_sessi
 
 
 def test_encode_text_cli_on_s3(tmp_path, s3_server, s3_faults):
-    """The command on S3 rides out 14 s of SlowDown from its second shard's upload on: its own Ray
-    workers get the tests' retry budget (20 s) from the job's runtime_env."""
+    """The command on S3 rides out the tests' outage of SlowDown from its second shard's upload on: its own Ray
+    workers get the tests' retry budget (conftest.py) from the job's runtime_env."""
     data = make_dataset("s3://test-bucket/encode/squares", n=8, size=8, shards=2)
     s3_faults.outage_on("encode/squares-t5/shard-00001.parquet", OUTAGE)
     try:
