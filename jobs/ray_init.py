@@ -14,11 +14,17 @@ the job's runtime_env.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
-    """ray.init for a job; a no-op when the caller already connected (tests, the demo)."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: float = 0, **kwargs):
+    """ray.init for a job; a no-op when the caller already connected (tests, the demo).
+
+    A local instance gets `num_cpus` logical CPUs, else the machine's count, raised to `min_cpus`
+    (what the job's workers and actors reserve): on a 2-core laptop, 2 Train workers and their data
+    actors reserve 2.5 CPUs, and an instance of 2 would leave the actors waiting for ever.
+    """
     import ray
 
     from pipelines.retry import runtime_env_vars
@@ -40,8 +46,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     node_ip = os.environ.get("MINIT2I_RAY_NODE_IP")
     if node_ip:
         kwargs["_node_ip_address"] = node_ip
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False, **kwargs)
+    machine = os.cpu_count() or 1
+    sized = local_cpus(num_cpus, min_cpus, machine)
+    if sized != num_cpus:
+        print(f"local Ray: {sized} logical CPUs on this {machine}-CPU machine, the {min_cpus:g} this job's "
+              "workers and data actors reserve", flush=True)
+    ray.init(address="local", num_cpus=sized, include_dashboard=False, configure_logging=False, **kwargs)
     return ray
+
+
+def local_cpus(num_cpus: int | None, min_cpus: float, machine: int) -> int | None:
+    """The logical CPUs of a local instance: `num_cpus` when given, else Ray's own count (None, the
+    machine's `machine` CPUs) unless the job reserves more than that."""
+    if num_cpus is None and min_cpus > machine:
+        return math.ceil(min_cpus)
+    return num_cpus
 
 
 def run_dataset_stage(stage, cfg) -> int:

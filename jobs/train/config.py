@@ -75,3 +75,11 @@ class TrainConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
+
+
+def run_cpus(cfg: TrainConfig) -> float:
+    """Logical CPUs a run holds while it trains: each Train worker and its Ray Data reader and
+    decode actors (jobs/train/data.py)."""
+    d = cfg.data
+    return cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker + d.read_cpus + d.decode_actors * d.decode_cpus)
+

@@ -527,6 +527,7 @@ def iter_batches(index: Index, cfg: DataConfig, image_size: int, start_step: int
 
     batch: image uint8 [b, S, S, 3], valid [b], key/caption lists, gid [b] (global row ids).
     """
+    import pyarrow as pa
     import ray
     import torch
 
@@ -539,7 +540,10 @@ def iter_batches(index: Index, cfg: DataConfig, image_size: int, start_step: int
         last = min(end_step, step + max(1, MAX_PIPELINE_ROWS // b))
         n = (last - step) * b
         block = b * cfg.steps_per_block
-        ds = ray.data.from_numpy([np.arange(i, min(n, i + block)) for i in range(0, n, block)])
+        # The positions, one block per `steps_per_block` steps, built here: from_blocks computes their
+        # metadata in this process, where from_numpy runs a 1-CPU task per block, which waits for
+        # ever when the Train workers and their data actors hold every CPU (a 2-core laptop).
+        ds = ray.data.from_blocks([pa.table({"data": np.arange(i, min(n, i + block))}) for i in range(0, n, block)])
         plan = (step, last, rank, world)
         if cfg.decode_actors:
             # The one reader runs blocks in order; several queued at once keep it ahead of decoding

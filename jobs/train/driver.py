@@ -200,8 +200,10 @@ def main(cfg: TrainConfig):
     """Validate the config and data, then run the TorchTrainer; returns Ray Train's Result."""
     from jobs.ray_init import init_ray
 
+    from jobs.train.config import run_cpus
+
     prepared = prepare(cfg)
-    init_ray()
+    init_ray(min_cpus=run_cpus(cfg))
     print(describe(cfg, prepared.index), flush=True)
     try:
         return trainer_for(cfg, prepared).fit()

@@ -90,9 +90,10 @@ def trial_train_config(setup: dict, params: dict, trial_name: str):
 def trial_resources(train, driver_cpus: float) -> dict[str, float]:
     """Logical resources one trial holds while it runs: its driver process, the Train workers and
     each worker's Ray Data reader and decode actors (jobs/train/data.py)."""
-    s, d = train.scaling, train.data
-    per_worker = s.cpus_per_worker + d.read_cpus + d.decode_actors * d.decode_cpus
-    return {"CPU": driver_cpus + s.num_workers * per_worker, "GPU": float(s.num_workers if s.use_gpu else 0)}
+    from jobs.train.config import run_cpus
+
+    s = train.scaling
+    return {"CPU": driver_cpus + run_cpus(train), "GPU": float(s.num_workers if s.use_gpu else 0)}
 
 
 def concurrent_trials(need: dict[str, float], cluster: dict[str, float]) -> int:
@@ -215,9 +216,9 @@ def run_schedule(cfg: ScheduleTuneConfig, callbacks: list | None = None) -> dict
     check(train)
     index = build_index(train.data)                                # once: every trial reads the same data
     check_text_features(train, index)
-    init_ray()
     driver_cpus = DRIVER_CPUS if cfg.run.cpus_per_trial is None else cfg.run.cpus_per_trial
     need = trial_resources(train, driver_cpus)
+    init_ray(min_cpus=need["CPU"])                                 # a local instance fits one trial at least
     limit = cfg.run.max_concurrent or concurrent_trials(need, ray.cluster_resources())
     print(describe(train, index, "[tune schedule] each trial"), flush=True)
     print(f"[tune schedule] a trial holds {need['CPU']:g} CPUs, {need['GPU']:g} GPUs; {limit} at a time", flush=True)

@@ -148,6 +148,23 @@ def test_address_joins_that_cluster_for_ray_commands(cli, monkeypatch, tmp_path)
     assert code == 2 and "--address: this command does not run on Ray" in error
 
 
+def test_a_local_instance_fits_what_the_job_reserves():
+    """`minit2i train` on a 2-core laptop: its 2 workers and their data actors reserve 2.5 CPUs, so
+    the Ray it starts has 3 (with Ray's own count of 2 the data actors waited for ever); a given
+    count or a machine with room is left as it is."""
+    from jobs import repo_path
+    from jobs.ray_init import local_cpus
+    from jobs.train.config import TrainConfig, run_cpus
+    from jobs.tune.schedule import trial_resources
+    from pipelines import config as config_lib
+
+    debug = config_lib.load(TrainConfig, repo_path("jobs/configs/debug.yaml"), [])
+    assert run_cpus(debug) == 2.5
+    assert local_cpus(None, run_cpus(debug), machine=2) == 3
+    assert local_cpus(None, run_cpus(debug), machine=8) is None and local_cpus(4, 9.0, machine=2) == 4
+    assert trial_resources(debug, 0.25)["CPU"] == 2.75
+
+
 def test_a_subprocess_run_reports_the_same_one_line(tmp_path):
     proc = run_cli("curate", "sources.blip3o=/x", check=False)
     assert proc.returncode == 2

@@ -154,3 +154,36 @@ def test_stages_decode_crop_and_count_a_corrupt_image(squares):
     data, caption = square_png(0, 16)
     ok = DecodeCrop(8)({"key": np.array(["k"]), "image": np.array([data], dtype=object), "caption": np.array([caption])})
     assert ok["valid"].all() and ok["image"].shape == (1, 8, 8, 3)
+
+
+def test_batches_come_when_the_train_workers_hold_every_other_cpu(squares, ray_session):
+    """A worker's data needs only its reader actor's CPUs: with every other CPU of the cluster held
+    (as 2 Train workers hold a 2-core laptop's), the batches still come, in the run's order. (The
+    positions once went in through Ray Data's from_numpy, whose 1-CPU task per block then waited for
+    a CPU for ever.)"""
+    import threading
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from jobs.train.data import iter_batches
+    from tests.jobs.train.fixtures import G, expected_keys
+
+    cfg = DataConfig(datasets=[squares], batch_size=G, partitions=2, decode_actors=0)
+    index = build_index(cfg)
+    held = placement_group([{"CPU": ray_session.cluster_resources()["CPU"] - cfg.read_cpus}])
+    ray_session.get(held.ready(), timeout=120)
+    got, errors = [], []
+
+    def read():
+        try:
+            got.extend(batch["key"] for _, batch in iter_batches(index, cfg, 16, 0, 3, 0, 2))
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(120)
+    remove_placement_group(held)
+    assert not reader.is_alive(), "no batches within 120 s with every CPU but the reader's held"
+    assert not errors, errors
+    assert got == [keys[:G // 2] for keys in expected_keys(squares, range(3))]
