@@ -86,6 +86,8 @@ class SweepSection:
 class LearnConfig:
     world: WorldSection = field(default_factory=WorldSection)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(overrides={"depth": 2}))
+    # ByT5 bytes at 64 (no world caption cut); name_or_path=world with prompt_length=16 is the
+    # world's word-level encoder the demo trains with (pipelines/world.py).
     text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(prompt_length=64))
     denoiser: DenoiserConfig = field(default_factory=lambda: DenoiserConfig(noise_scale=1.0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, steps=500))
@@ -226,11 +228,15 @@ def run(cfg: LearnConfig, emit=print, save: str | None = None) -> dict:
     from jobs.train.data import to_model_range
     from jobs.train.step import ShardedEMA, TrainStep, build_engine
     from model.text_encoder import FrozenT5
+    from pipelines.world import resolve_text_encoder
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
+    # text_encoder.name_or_path=world: the world's word-level encoder (pipelines/world.py).
+    cfg = dataclasses.replace(cfg, text_encoder=dataclasses.replace(
+        cfg.text_encoder, name_or_path=resolve_text_encoder(cfg.text_encoder.name_or_path)))
     images, captions = world_images(cfg.world)
     features = FeatureCache(FrozenT5(cfg.text_encoder))
     features(captions)
@@ -426,7 +432,9 @@ def audit_batches(datasets: list[str], batch_size: int = 32, workers: int = 2, s
     init_ray()
     cfg = with_partitions(DataConfig(datasets=list(datasets), batch_size=batch_size), workers)
     index = build_index(cfg)
-    enc = FrozenT5(TextEncoderConfig(encoder, prompt_length=prompt_length))
+    from pipelines.world import resolve_text_encoder
+
+    enc = FrozenT5(TextEncoderConfig(resolve_text_encoder(encoder), prompt_length=prompt_length))
     out = {"rows": 0, "ok": 0, "image_mismatch": 0, "invalid": 0, "mask_mismatch": 0, "cut_captions": 0}
     for rank in range(workers):
         for _, batch in iter_batches(index, cfg, image_size_of(index), 0, steps, rank, workers):

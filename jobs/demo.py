@@ -39,6 +39,10 @@ class DemoConfig:
     fetch: dict[str, Any] = field(default_factory=dict)        # FetchConfig overrides
     curate: dict[str, Any] = field(default_factory=dict)       # CurateConfig overrides
     recaption: dict[str, Any] = field(default_factory=dict)    # RecaptionConfig overrides; needs `model`
+    # The text encoder the demo trains with: "world" is the embedded tiny T5 with the world's own
+    # word-level vocabulary (pipelines/world.py: a caption is at most 11 tokens, so steps are cheap);
+    # or a local T5 folder, a hub id, or "tiny-t5" (byte-level ByT5 tokens).
+    text_encoder: str = "world"
     train_config: str = "jobs/configs/debug.yaml"              # the training run, relative to the repo
     train: dict[str, Any] = field(default_factory=dict)        # TrainConfig overrides
     eval_prompts: int = 96                                     # world prompts sampled and checked (single, counting, relation in turn)
@@ -81,6 +85,7 @@ def write_eval_prompts(path: Path, n: int, size: int, seed: int) -> Path:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from jobs.ray_init import init_ray
+    from pipelines.world import resolve_text_encoder
 
     out = Path(cfg.out).resolve()
     if out.exists() and any(out.iterdir()):
@@ -99,6 +104,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         result = train(cfg, data_dir, out)
         weights = weights_of(result)
         summary["checkpoint"] = weights
+        summary["text_encoder"] = resolve_text_encoder(cfg.text_encoder)
 
     prompts = write_eval_prompts(out / "eval_prompts.txt", cfg.eval_prompts, cfg.world.size, cfg.world.seed)
     with stage("generate"):
@@ -144,7 +150,7 @@ def world_data(cfg: DemoConfig, out: Path, stage: Stages, summary: dict[str, Any
     """The demo's training data, on the joined Ray: the world served on loopback -> fetch -> curate
     (-> recaption when a captioner is configured). Returns the dataset folder training reads."""
     from pipelines import fetch as fetch_lib
-    from pipelines.world import WorldConfig, WorldServer, write_world
+    from pipelines.world import WorldConfig, WorldServer, resolve_text_encoder, write_world
 
     world_cfg = WorldConfig(seed=cfg.world.seed, size=cfg.world.size, relation_fraction=cfg.world.relation_fraction)
     with WorldServer(world_cfg, cfg.world.n) as server:
@@ -167,7 +173,7 @@ def world_data(cfg: DemoConfig, out: Path, stage: Stages, summary: dict[str, Any
             "output": str(out / "data" / "curated"),
             # The fetched world is read by the DALL-E 3 parquet reader, which also reads `minit2i fetch` output.
             "sources": {"dalle3": {"paths": [str(out / "data" / "raw")], "weight": 1.0}},
-            "filters": {"tokenizer": "tiny-t5", "min_side": cfg.world.size, "max_caption_tokens": 256},
+            "filters": {"tokenizer": resolve_text_encoder(cfg.text_encoder), "min_side": cfg.world.size, "max_caption_tokens": 256},
             "dedup": {"near_threshold": 0},   # simple scenes share pHashes; keep only exact-pixel dedup tight
             "shard_rows": 500,
         }, "demo curate")
@@ -197,10 +203,12 @@ def train(cfg: DemoConfig, data_dir: str, out: Path, name: str = "demo", overrid
     `data_dir`; checkpoints under out/runs/name. Returns Ray Train's Result."""
     from jobs.train.config import TrainConfig
     from jobs.train.driver import main as train_main
+    from pipelines.world import resolve_text_encoder
 
     train_cfg = config_lib.load(TrainConfig, repo_path(cfg.train_config), [])
     train_cfg = config_lib.override(train_cfg, {
         "name": name, "storage_path": str(out / "runs"), "data.datasets": [data_dir],
+        "text_encoder.name_or_path": resolve_text_encoder(cfg.text_encoder),
         "logging.dir": str(out / ("train_logs" if name == "demo" else f"train_logs_{name}")), **cfg.train, **(overrides or {}),
     }, "demo train")
     return train_main(train_cfg)

@@ -3,8 +3,10 @@
 Loads `T5EncoderModel` and its tokenizer through `transformers` from a local directory or a hub id
 the machine can reach; nothing is downloaded unless the caller's environment allows it. For tests
 and the offline embedded default, `build_tiny_t5` makes a small seeded T5 with the byte-level ByT5
-tokenizer (which needs no vocabulary file) and saves it with `save_pretrained`, so it is loaded by
-exactly the same code path as a real FLAN-T5.
+tokenizer (which needs no vocabulary file), or with a word-level tokenizer over a closed vocabulary
+(the synthetic world's words: one token per word, so a caption is a few tokens instead of one per
+byte), and saves it with `save_pretrained`, so it is loaded by exactly the same code path as a real
+FLAN-T5.
 """
 
 from __future__ import annotations
@@ -32,13 +34,19 @@ def _looks_like_path(spec: str) -> bool:
 TINY_T5 = "tiny-t5"
 
 
-def tiny_t5_dir() -> Path:
-    root = Path(os.environ.get("MINIT2I_CACHE", Path.home() / ".cache" / "minit2i"))
-    path = root / TINY_T5
+def cache_root() -> Path:
+    return Path(os.environ.get("MINIT2I_CACHE", Path.home() / ".cache" / "minit2i"))
+
+
+def cached_tiny_t5(name: str, words=None) -> Path:
+    """`build_tiny_t5(words=words)` built once into the cache folder `name` and reused (seeded, so
+    every build of a name is identical)."""
+    root = cache_root()
+    path = root / name
     if not (path / "config.json").is_file():
         # Build beside the target and rename, so concurrent workers never see a half-written folder.
-        tmp = root / f".{TINY_T5}.{os.getpid()}.tmp"
-        build_tiny_t5(tmp)
+        tmp = root / f".{name}.{os.getpid()}.tmp"
+        build_tiny_t5(tmp, words=words)
         try:
             os.replace(tmp, path)
         except OSError:  # another process won the race; its copy is identical (seeded)
@@ -46,6 +54,10 @@ def tiny_t5_dir() -> Path:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def tiny_t5_dir() -> Path:
+    return cached_tiny_t5(TINY_T5)
 
 
 def _check_exists(spec: str) -> str:
@@ -112,8 +124,28 @@ class FrozenT5(nn.Module):
         return feats, mask
 
 
-def build_tiny_t5(out_dir: str | Path, d_model: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0) -> Path:
-    """A small random T5 encoder with the byte-level ByT5 tokenizer, saved with save_pretrained.
+def word_tokenizer(words):
+    """A word-level tokenizer over `words` in T5's conventions (pad 0, end of sequence 1, unknown 2;
+    lower-cased, split on whitespace and punctuation, `</s>` appended), as a transformers fast
+    tokenizer that `save_pretrained` writes and `AutoTokenizer` loads back. Built with the
+    `tokenizers` library's WordLevel model: none of T5's own tokenizers takes a closed vocabulary."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted({w.lower() for w in words} - set(specials)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=1 << 16)
+
+
+def build_tiny_t5(out_dir: str | Path, d_model: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0,
+                  words=None) -> Path:
+    """A small random T5 encoder, saved with save_pretrained: with the byte-level ByT5 tokenizer, or
+    with `word_tokenizer(words)` when `words` is given.
 
     Stands in for FLAN-T5 where no weights can be downloaded (tests, the embedded default); it is
     loaded by `FrozenT5` exactly as a real checkpoint is.
@@ -121,7 +153,7 @@ def build_tiny_t5(out_dir: str | Path, d_model: int = 64, num_layers: int = 2, n
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     out_dir = Path(out_dir)
-    tokenizer = ByT5Tokenizer()
+    tokenizer = ByT5Tokenizer() if words is None else word_tokenizer(words)
     config = T5Config(
         vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_model * 2,
         num_layers=num_layers, num_heads=num_heads, feed_forward_proj="gated-gelu",

@@ -283,6 +283,37 @@ def parse_caption(text: str) -> Scene:
 
 # --- files -----------------------------------------------------------------------------------------
 
+def vocabulary() -> list[str]:
+    """Every word a world caption can hold: articles and count words, colours, shapes (one and
+    many), and the relation phrases' words."""
+    words = {"a", "an", *COUNT_WORDS.values(), *PALETTE, *SHAPES, *(s + "s" for s in SHAPES)}
+    words.update(w for phrase in RELATIONS.values() for w in phrase.split())
+    return sorted(words)
+
+
+# The text encoder spec that names the world's own encoder (`text_encoder_dir`).
+WORLD_TEXT_ENCODER = "world"
+
+
+def text_encoder_dir() -> str:
+    """The world's own text encoder: the embedded default's tiny seeded T5 with a word-level
+    tokenizer over `vocabulary()` (one token per word: the longest caption is 11 tokens with its
+    end token, against 53 for ByT5's bytes), built once into the cache (model.text_encoder,
+    MINIT2I_CACHE) under a name that changes with the vocabulary. Returns the folder."""
+    import hashlib
+
+    from model.text_encoder import cached_tiny_t5
+
+    words = vocabulary()
+    digest = hashlib.sha256(" ".join(words).encode()).hexdigest()[:10]
+    return str(cached_tiny_t5(f"world-t5-{digest}", words=words))
+
+
+def resolve_text_encoder(spec: str) -> str:
+    """`WORLD_TEXT_ENCODER` -> the world's encoder folder; any other spec as it is."""
+    return text_encoder_dir() if spec == WORLD_TEXT_ENCODER else spec
+
+
 URLS_NAME, SPECS_NAME = "world.tsv", "specs.jsonl"
 
 

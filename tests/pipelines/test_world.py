@@ -216,3 +216,29 @@ def test_cli_serve_answers_the_urls_it_wrote(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
+
+
+def test_every_caption_is_whole_words_of_the_world_encoder(tmp_path, monkeypatch):
+    """The world's own text encoder knows every word a caption can hold (no unknown token), gives
+    one token per word, and is built once into the cache, under a name tied to its vocabulary."""
+    import itertools
+
+    from model.text_encoder import count_tokens, load_tokenizer
+
+    monkeypatch.setenv("MINIT2I_CACHE", str(tmp_path / "cache"))
+    folder = world.resolve_text_encoder(world.WORLD_TEXT_ENCODER)
+    assert Path(folder).parent == tmp_path / "cache" and (Path(folder) / "config.json").is_file()
+    assert world.resolve_text_encoder("tiny-t5") == "tiny-t5"
+    tok = load_tokenizer(folder)
+    captions = [world.Scene("count", (world.Obj(c, s),) * n).caption
+                for c, s, n in itertools.product(world.PALETTE, world.SHAPES, world.COUNT_WORDS)]
+    captions += [world.Scene("relation", (world.Obj(c1, s1), world.Obj(c2, s2)), rel).caption
+                 for (c1, c2), s1, s2, rel in itertools.product(itertools.permutations(world.PALETTE, 2), world.SHAPES,
+                                                                 world.SHAPES, world.RELATIONS)]
+    ids = tok(captions)["input_ids"]
+    assert all(tok.unk_token_id not in row for row in ids)
+    assert count_tokens(tok, captions) == [len(c.split()) + 1 for c in captions]
+    assert max(len(c.split()) for c in captions) + 1 == 11
+    mtime = (Path(folder) / "config.json").stat().st_mtime_ns
+    assert world.text_encoder_dir() == folder and (Path(folder) / "config.json").stat().st_mtime_ns == mtime
+
