@@ -52,10 +52,10 @@ CATEGORIES = ("single_object", "counting", "colours", "shapes", "position", "col
 
 @dataclass
 class WorldSection:
-    n: int = 1600                    # training scenes (world seed `seed`)
+    n: int = 4000                    # training scenes (world seed `seed`); the demo's world
     size: int = 32                   # image side in pixels
     seed: int = 0
-    relation_fraction: float = 0.2   # share of two-object relation scenes
+    relation_fraction: float = 0.4   # share of two-object relation scenes
 
 
 @dataclass
@@ -85,22 +85,23 @@ class SweepSection:
 @dataclass
 class LearnConfig:
     world: WorldSection = field(default_factory=WorldSection)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(overrides={"depth": 2}))
-    # ByT5 bytes at 64 (no world caption cut); name_or_path=world with prompt_length=16 is the
-    # world's word-level encoder the demo trains with (pipelines/world.py).
-    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(prompt_length=64))
+    # The base is the demo's model and encoder (jobs/configs/demo.yaml): the debug preset at depth 6 with patch 8
+    # (16 image tokens at 32 px) and the world's word-level T5 with 16-token prompts (pipelines/world.py;
+    # `text_encoder.name_or_path=tiny-t5 text_encoder.prompt_length=64` is the byte-level ByT5 one).
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(overrides={"depth": 6, "patch_size": 8}))
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(name_or_path="world", prompt_length=16))
     denoiser: DenoiserConfig = field(default_factory=lambda: DenoiserConfig(noise_scale=1.0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, steps=500))
-    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decays=[0.99]))
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decays=[0.995]))
     batch_size: int = 32             # global batch (the demo: 2 workers x 16)
     seed: int = 0                    # the row order and the per-sample noise
     threads: int = 0                 # torch CPU threads (0: torch's default; Tune trials: cpus_per_trial)
     eval: EvalSection = field(default_factory=EvalSection)
     sweep: SweepSection = field(default_factory=SweepSection)
     # The searched settings: dotted keys of this config -> a list of values (every combination is a
-    # trial). The default compares the demo's patch 4 with patch 8 (4x fewer tokens per image) at a
-    # laptop size; benchmarks/learn_full.yaml is the full grid.
-    grid: dict[str, list] = field(default_factory=lambda: {"model.overrides.patch_size": [4, 8]})
+    # trial). The default compares depths, the setting that moved every category most per step and per
+    # second (BENCHMARKS.md, "bench learn"), at a laptop size; benchmarks/learn_full.yaml is the full grid.
+    grid: dict[str, list] = field(default_factory=lambda: {"model.overrides.depth": [2, 4, 6]})
 
 
 # --------------------------------------------------------------------------------------------

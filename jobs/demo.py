@@ -25,10 +25,10 @@ DEMO_CATEGORIES = ("single_object", "counting", "colours", "shapes", "position",
 
 @dataclass
 class WorldSection:
-    n: int = 1600                  # scenes served and fetched
+    n: int = 4000                  # scenes served and fetched
     size: int = 32                 # image side in pixels (the debug model's resolution)
     seed: int = 0
-    relation_fraction: float = 0.2  # share of two-object "left of / above" scenes
+    relation_fraction: float = 0.4  # share of two-object "left of / above" scenes
 
 
 @dataclass
@@ -112,7 +112,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         from jobs.inference import save_grid
 
         gen_cfg = config_lib.override(GenerateConfig(prompts=str(prompts), out=str(out / "samples"), checkpoint=weights,
-                                            seeds=[0]), {"sampler.steps": 25, "sampler.cfg_scale": 2.0, **cfg.generate},
+                                            seeds=[0]), {"sampler.steps": 25, "sampler.cfg_scale": 3.0, **cfg.generate},
                              "demo generate")
         gen = generate_images(gen_cfg)
         rows = load_generated(gen_cfg.out)[:32]

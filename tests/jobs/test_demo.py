@@ -16,21 +16,21 @@ from pipelines import manifest
 from tests.conftest import run_cli
 
 
-# The small run's settings: the demo's patch-8 debug model and word-level world encoder, trained long
-# enough to follow colours and to answer count words. At 160 steps it did not yet (2026-12-02: "a"
-# 3.69 blobs, "four" 3.56); at 320 it does, and the run is still shorter than the 160 steps with
-# 64-token ByT5 prompts it replaced (setup 109 s against 118 s).
+# The small run's settings: the demo's depth-6, patch-8 debug model and word-level world encoder,
+# trained long enough to follow colours and to answer count words (at 160 steps the depth-2 model it
+# had before did not yet: "a" 3.69 blobs, "four" 3.56), on a small world.
 SMALL_STEPS = 320
 # Mean blobs for "four" minus mean blobs for "a", same noises: measured 0.81 on this run (2026-12-02:
-# a 2.75, two 3.69, three 3.69, four 3.56; the small model over-draws, but fewer for "a"); a model
-# that ignores the word gives 0 up to noise. Floor: about a third of the measured gap.
+# a 2.87, two 3.43, three 3.75, four 3.68; the small model over-draws, but fewer for "a"; 0.81 with
+# depth 2 the same day); a model that ignores the word gives 0 up to noise. Floor: about a third of
+# the measured gap.
 COUNT_GAP = 0.25
-# Per-category floors of the small run: measured on this run's settings (2026-12-02, two runs:
-# colours 0.73 and 0.81, shapes 0.31 and 0.46, counting 0.13 and 0.00, overall 0.19 and 0.23 (the
-# second at 160 steps); single object, position and colour attribution near 0 this early, so they
-# have no floor here; the full demo's numbers are in the README), minus a margin of about three
-# binomial standard deviations over 48 prompts plus run-to-run noise (Ray Data's row order and
-# thread timing make runs differ).
+# Per-category floors of the small run: measured on this run's settings (2026-12-02: colours 0.90,
+# shapes 0.50, counting 0.06, overall 0.24 at depth 6; colours 0.73 and 0.81, shapes 0.31 and 0.46,
+# overall 0.19 and 0.23 in two runs at depth 2); single object, position and colour attribution near 0
+# this early, so they have no floor here (the full demo's numbers are in the README), minus a margin
+# of about three binomial standard deviations over 48 prompts plus run-to-run noise (Ray Data's row
+# order and thread timing make runs differ).
 FLOORS = {"world/colours": 0.5, "world/shapes": 0.15, "world/overall": 0.1}
 
 
@@ -43,7 +43,7 @@ def small_demo(tmp_path_factory):
         "demo", f"out={out}", "world.n=240", "eval_prompts=48",
         f"train={{data.batch_size: 16, optim.steps: {SMALL_STEPS}, optim.warmup_steps: 10, checkpoint.every: {SMALL_STEPS}, "
         f"logging.every: 20, logging.sample_every: {SMALL_STEPS}, logging.sample_steps: 4, ema.decays: [0.95], "
-        "text_encoder.prompt_length: 16, model.overrides: {depth: 2, patch_size: 8}}",
+        "text_encoder.prompt_length: 16, model.overrides: {depth: 6, patch_size: 8}}",
         "generate={sampler.steps: 10, sampler.cfg_scale: 3.0}",
         "tune={subsets: [4, 8], space: {cfg_scale: {grid: [1.0, 3.0]}, sampler: euler, steps: 3}}",
         timeout=1200,
