@@ -99,8 +99,9 @@ class LearnConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     sweep: SweepSection = field(default_factory=SweepSection)
     # The searched settings: dotted keys of this config -> a list of values (every combination is a
-    # trial). The default compares depths, the setting that moved every category most per step and per
-    # second (BENCHMARKS.md, "bench learn"), at a laptop size; benchmarks/learn_full.yaml is the full grid.
+    # trial). The default compares depths, the setting that moved every category most per step (and per
+    # second past ~300 s of training; BENCHMARKS.md, "bench learn"), at a laptop size;
+    # benchmarks/learn_full.yaml is the full grid.
     grid: dict[str, list] = field(default_factory=lambda: {"model.overrides.depth": [2, 4, 6]})
 
 
