@@ -82,4 +82,3 @@ def run_cpus(cfg: TrainConfig) -> float:
     decode actors (jobs/train/data.py)."""
     d = cfg.data
     return cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker + d.read_cpus + d.decode_actors * d.decode_cpus)
-

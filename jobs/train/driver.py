@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from jobs.train.checkpoints import STATE_NAME, check_resume, newest_checkpoint, resume_checkpoint, weights_folder
 from jobs.train import feedback
-from jobs.train.config import TrainConfig
+from jobs.train.config import TrainConfig, run_cpus
 from jobs.train.tracking import require_tracker, run_id
 from pipelines import config as config_lib
 from pipelines import retry, storage
@@ -199,8 +199,6 @@ def describe(cfg: TrainConfig, index, title: str | None = None) -> str:
 def main(cfg: TrainConfig):
     """Validate the config and data, then run the TorchTrainer; returns Ray Train's Result."""
     from jobs.ray_init import init_ray
-
-    from jobs.train.config import run_cpus
 
     prepared = prepare(cfg)
     init_ray(min_cpus=run_cpus(cfg))
