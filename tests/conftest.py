@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,10 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # group; no test cluster sends such notices (a lost node here is a killed raylet, which Train sees
 # without it), and each watcher costs a process start, so the tests run without.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# The stage tests read the retry lines that Ray forwards from its workers. Ray's log deduplication
+# holds back a line that matches, numbers aside, one another process printed within 5 s (two
+# shards' retry lines during one outage), so the line a test waits for could come after it looked.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # The test machine has 2 cores; Ray is told it has 4 logical CPUs so Data tasks fit beside Train workers.
 RAY_NUM_CPUS = 4
 
@@ -245,6 +250,18 @@ def kill_node_mid_run(cluster, args: list[str], folder: Path, timeout: float = 2
             proc.kill()
             proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), seen
+
+
+def stderr_with(capfd, text: str, timeout: float = 20) -> str:
+    """The test's captured stderr once it holds `text` (lines from Ray workers reach the driver
+    asynchronously), or all of it after `timeout` seconds, for the assertion to show."""
+    err = ""
+    deadline = time.monotonic() + timeout
+    while True:
+        err += capfd.readouterr().err
+        if text in err or time.monotonic() > deadline:
+            return err
+        time.sleep(0.2)
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ from jobs.generate import GenerateConfig, generate_images, load_generated, read_
 from jobs.inference import SamplerSection, load_model, sample_images
 from model.denoiser import SamplerConfig
 from pipelines import manifest
-from tests.conftest import OUTAGE
+from tests.conftest import OUTAGE, stderr_with
 from tests.jobs.metrics.helpers import make_checkpoint, write_prompts
 
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "three purple circles", "a white square"]
@@ -91,7 +91,8 @@ def test_generate_to_s3_rides_out_an_outage(ray_session, s3_server, s3_faults, t
         recovered = s3_faults.recovery("generate")
     finally:
         s3_faults.clear()
-    assert f"generate: PUT {out}/shard-00001.parquet" in capfd.readouterr().err
+    line = f"generate: PUT {out}/shard-00001.parquet"
+    assert line in stderr_with(capfd, line)
     print(recovered)
     assert manifest.verify(out) == [] and manifest.strays(out) == [] and storage.open_uploads(out) == []
     local = _cfg(tmp_path, ckpt)

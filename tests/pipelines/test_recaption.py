@@ -16,7 +16,7 @@ import pytest
 
 from model.text_encoder import build_tiny_t5, count_tokens, load_tokenizer
 from pipelines import fetch, manifest, recaption, storage
-from tests.conftest import OUTAGE, ROOT, run_cli
+from tests.conftest import OUTAGE, ROOT, run_cli, stderr_with
 from tests.pipelines.sources.layouts import write_llava_captions
 
 WORDS = "a an the photo picture of red green blue cat dog car tree house sky person on in with and small large image describe this".split()
@@ -213,7 +213,8 @@ def test_s3_wds_import_and_join(ray_session, models, cc12m_mirror, s3_server, s3
         recovered = s3_faults.recovery("recaption")
     finally:
         s3_faults.clear()
-    assert f"recaption: PUT {out}/shard-00001.parquet" in capfd.readouterr().err     # the retry line names it
+    line = f"recaption: PUT {out}/shard-00001.parquet"
+    assert line in stderr_with(capfd, line)     # the retry line names it
     print(recovered)
     assert "joined by key: 10/10 rows (100.00%)" in recaption.summary(result)
     assert manifest.strays(out) == [] and storage.open_uploads(out) == []
