@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipelines import fetch, manifest, storage
 from pipelines.url_safety import AllowList, address_refusal
-from tests.conftest import OUTAGE, ROOT, run_cli
+from tests.conftest import OUTAGE, ROOT, run_cli, stderr_with
 from tests.pipelines.conftest import ImageServer
 from tests.pipelines.sources.layouts import (encode, smooth_image, wds_members, write_cc12m_wds, write_llava_captions,
                                              write_reference_metadata, write_tar)
@@ -496,7 +496,7 @@ def test_fetch_to_s3_rides_out_an_outage_and_resumes_past_the_budget(ray_session
         with _ManifestWatcher(s3_moto, "faults/fetch") as watcher:
             assert main(["fetch", str(urls), out, *args]) == 0
             recovered = s3_faults.recovery("fetch")
-        err = capfd.readouterr().err
+        err = stderr_with(capfd, f"fetch: PUT {out}/shard-00001.parquet")    # the workers' retry lines
         print(recovered)
         assert s3_faults.counters.outage_answers >= 3 and s3_faults.counters.dropped_writes >= 1
         assert f"fetch: PUT {out}/shard-00001.parquet" in err and "SlowDown: Please reduce your request rate." in err
