@@ -222,7 +222,10 @@ class LocalCluster:
     def add_worker(self) -> None:
         """Start one more worker node (e.g. in place of a lost one) and wait until it is alive."""
         state = self._started()
-        alive = len(alive_nodes(self.dashboard_url, self._token))
+        # The new node is told apart by its id, not by the count of alive nodes: a node killed just
+        # before (a lost spot instance) can still count as alive until Ray's health checks fail it,
+        # and then the count does not grow when its replacement joins.
+        before = {n["node_id"] for n in alive_nodes(self.dashboard_url, self._token)}
         state.num_workers += 1
         try:
             self._ray_start(f"worker{state.num_workers}", self.cpus_per_node, ["--address", state.address])
@@ -232,7 +235,7 @@ class LocalCluster:
             state.num_workers += 1
             self._ray_start(f"worker{state.num_workers}", self.cpus_per_node, ["--address", state.address])
         deadline = time.monotonic() + self.start_timeout
-        while len(alive_nodes(self.dashboard_url, self._token)) <= alive:
+        while not {n["node_id"] for n in alive_nodes(self.dashboard_url, self._token)} - before:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"worker{state.num_workers} not alive after {self.start_timeout:.0f}s")
             time.sleep(0.5)

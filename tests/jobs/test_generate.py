@@ -100,6 +100,23 @@ def test_generate_to_s3_rides_out_an_outage(ray_session, s3_server, s3_faults, t
     assert [(s.path, s.sha256) for s in manifest.read(out).shards] == [(s.path, s.sha256) for s in manifest.read(local.out).shards]
 
 
+def test_a_lost_node_is_replaced_before_ray_has_noticed_the_loss(two_nodes):
+    """`LocalCluster.add_worker()` right after a node is killed, as the schedule sweep replaces its lost
+    node. Ray lists the dead node as alive until it notices the loss (seconds on a loaded machine), so
+    add_worker waits for a node id it has not seen: counting alive nodes waited out its whole start
+    timeout when the loss was noticed between the count and the new node's start (a loaded suite run)."""
+    from cluster.local import alive_nodes
+    from tests.conftest import kill_worker_node
+
+    def alive() -> set[str]:
+        return {n["node_id"] for n in alive_nodes(two_nodes.dashboard_url, two_nodes.token)}
+
+    before = alive()
+    kill_worker_node(two_nodes)
+    two_nodes.add_worker()
+    assert alive() - before, "the replacement node is not alive"
+
+
 def test_generate_survives_losing_a_node_mid_run(two_nodes, tmp_path, ckpt):
     """`minit2i generate` on a 2-node cluster, one sampler actor a node; the worker node's raylet is
     killed once a shard is done. Ray Data restarts the lost actor and reruns its shard: every image
