@@ -48,6 +48,7 @@ from model.text_encoder import TextEncoderConfig
 from pipelines import config as config_lib
 
 CATEGORIES = ("single_object", "counting", "colours", "shapes", "position", "colour_attribution", "overall")
+COUNT_CHECKS = ("counting_count", "counting_shape")   # which check the counting prompts fail (score())
 
 
 @dataclass
@@ -147,10 +148,18 @@ def eval_prompts(cfg: LearnConfig) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 def score(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
-    """Per-category shares (jobs.metrics.world.summarize) of images judged against their prompts."""
+    """Per-category shares (jobs.metrics.world.summarize) of images judged against their prompts, and
+    which check fails the counting prompts (`counting_count`: the colour's blobs number exactly the
+    count; `counting_shape`: that many of them have the named shape)."""
     from jobs.metrics.world import check_image, summarize
 
-    return summarize([check_image(im, p) for im, p in zip(images, prompts)])
+    verdicts = [check_image(im, p) for im, p in zip(images, prompts)]
+    out = summarize(verdicts)
+    counts = [v for v in verdicts if v.category == "counting"]
+    if counts:
+        out["counting_count"] = float(np.mean([v.count for v in counts]))
+        out["counting_shape"] = float(np.mean([v.shape for v in counts]))
+    return out
 
 
 def count_response(net, encoder, sampler: SamplerConfig, pairs: list[tuple[str, str]], seeds: int = 4) -> dict[int, list[float]]:
@@ -343,7 +352,11 @@ def run_grid(cfg: LearnConfig) -> list[dict[str, Any]]:
     os.environ.setdefault("RAY_worker_niceness", "0")
     init_ray()
     out = os.path.abspath(cfg.sweep.out)
-    trainable = tune.with_resources(_trial, {"cpu": cfg.sweep.cpus_per_trial})
+    # The trial function by its importable name: run as `python -m benchmarks.learn` this file is
+    # __main__, whose functions Ray pickles by value, without the module's other names.
+    from benchmarks import learn as importable
+
+    trainable = tune.with_resources(importable._trial, {"cpu": cfg.sweep.cpus_per_trial})
     tuner = tune.Tuner(
         trainable,
         param_space={"base": config_lib.to_dict(cfg), "setting": tune.grid_search(settings)},
@@ -363,7 +376,7 @@ def run_grid(cfg: LearnConfig) -> list[dict[str, Any]]:
                 if "@cfg" not in key:
                     continue
                 category, scale = key.split("@cfg")
-                if category not in CATEGORIES:
+                if category not in CATEGORIES and category not in COUNT_CHECKS:
                     continue
                 rows.append({"setting": label(setting), **setting, "step": int(r["step"]), "cfg": float(scale),
                              "category": category, "score": float(value), "train_loss": float(r["train_loss"]),
@@ -388,11 +401,12 @@ def write_reports(rows: list[dict[str, Any]], out: str) -> None:
         raise RuntimeError("bench learn: no trial reported an evaluation")
     df.to_csv(os.path.join(out, "learn.csv"), index=False)
     wide = df.pivot_table(index=["setting", "step", "cfg"], columns="category", values="score").reset_index()
-    wide = wide[["setting", "step", "cfg", *[c for c in CATEGORIES if c in wide]]]
+    wide = wide[["setting", "step", "cfg", *[c for c in (*CATEGORIES, *COUNT_CHECKS) if c in wide]]]
     wide.to_csv(os.path.join(out, "learn_wide.csv"), index=False)
     table = Table(title=f"bench learn: prompt following per category ({out})")
     for c in wide.columns:
-        table.add_column(str(c).replace("colour_attribution", "attribution").replace("single_object", "single"), overflow="fold")
+        table.add_column(str(c).replace("colour_attribution", "attribution").replace("single_object", "single")
+                         .replace("counting_", "count: "), overflow="fold")
     for _, r in wide.iterrows():
         table.add_row(*[f"{v:.2f}" if isinstance(v, float) and c not in ("cfg",) else str(v) for c, v in r.items()])
     Console(width=200).print(table)

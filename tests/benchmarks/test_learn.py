@@ -1,27 +1,57 @@
 """bench learn: the grid as a real Ray Tune experiment at a tiny size, and its config errors."""
 
+import os
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 
 from benchmarks import learn
+from tests.conftest import ROOT
 
 TINY = ["world.n=64", "batch_size=16", "optim.steps=4", "optim.warmup_steps=1", "eval.every=2", "eval.per_kind=1",
         "eval.sampler.steps=2", "eval.t_buckets=[0.5]", "model.overrides.depth=1"]
 
 
 def test_grid_runs_as_tune_trials_and_reports_every_category_per_step(ray_session, tmp_path):
-    cfg = learn.load_config(None, [*TINY, f"sweep.out={tmp_path}", "eval.cfg_scales=[1.0, 3.0]",
-                                   "grid={model.overrides.patch_size: [4, 8]}"])
-    rows = learn.run_grid(cfg)
-    learn.write_reports(rows, str(tmp_path))
+    """`python -m benchmarks.learn`, joined to the session's Ray: run as __main__, the trials must
+    still find the module's names (Ray pickles __main__'s functions by value)."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.learn", *TINY, f"sweep.out={tmp_path}",
+                           "eval.cfg_scales=[1.0, 3.0]", "grid={model.overrides.patch_size: [4, 8]}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bench learn: prompt following per category" in proc.stdout
     df = pd.read_csv(tmp_path / "learn.csv")
-    # a row per (setting, step, CFG, category): 2 settings x 2 evaluations x 2 scales x 7 categories
-    assert len(df) == 2 * 2 * 2 * len(learn.CATEGORIES)
+    # a row per (setting, step, CFG, category): 2 settings x 2 evaluations x 2 scales x (7 categories
+    # and the counting prompts' two checks)
+    names = (*learn.CATEGORIES, *learn.COUNT_CHECKS)
+    assert len(df) == 2 * 2 * 2 * len(names)
     assert set(df["setting"]) == {"patch_size=4", "patch_size=8"} and set(df["step"]) == {2, 4}
-    assert set(df["category"]) == set(learn.CATEGORIES) and df["score"].between(0, 1).all()
+    assert set(df["category"]) == set(names) and df["score"].between(0, 1).all()
     wide = pd.read_csv(tmp_path / "learn_wide.csv")
-    assert len(wide) == 2 * 2 * 2 and "position" in wide and "colour_attribution" in wide
+    assert len(wide) == 2 * 2 * 2 and {"position", "colour_attribution", "counting_count", "counting_shape"} <= set(wide)
     assert (tmp_path / "learn.png").stat().st_size > 0
+
+
+def test_score_tells_which_check_fails_the_counting_prompts():
+    """A counting prompt fails its count check when a shape is missing and its shape check when a
+    shape is drawn as another; the world's own renders pass both."""
+    import dataclasses
+
+    import numpy as np
+
+    from pipelines.world import Obj, WorldConfig, make_scene, prompt_kind, render
+
+    scene = next(s for s in (make_scene(i, WorldConfig(seed=7)) for i in range(200))
+                 if prompt_kind(s) == "counting" and len(s.objects) >= 3 and s.objects[0].shape != "square")
+    short = dataclasses.replace(scene, objects=scene.objects[1:])
+    other = dataclasses.replace(scene, objects=(Obj(scene.objects[0].colour, "square", scene.objects[0].bbox), *scene.objects[1:]))
+    images = np.stack([np.asarray(render(s).convert("RGB")) for s in (scene, short, other)])
+    scores = learn.score(images, [scene.caption] * 3)
+    assert scores["counting"] == 1 / 3
+    assert scores["counting_count"] == 2 / 3 and scores["counting_shape"] == 2 / 3
 
 
 def test_a_bad_grid_is_an_error_before_any_trial():
