@@ -225,7 +225,7 @@ class LocalCluster:
         # The new node is told apart by its id, not by the count of alive nodes: a node killed just
         # before (a lost spot instance) can still count as alive until Ray's health checks fail it,
         # and then the count does not grow when its replacement joins.
-        before = {n["node_id"] for n in alive_nodes(self.dashboard_url, self._token)}
+        before = alive_node_ids(self.dashboard_url, self._token)
         state.num_workers += 1
         try:
             self._ray_start(f"worker{state.num_workers}", self.cpus_per_node, ["--address", state.address])
@@ -235,7 +235,7 @@ class LocalCluster:
             state.num_workers += 1
             self._ray_start(f"worker{state.num_workers}", self.cpus_per_node, ["--address", state.address])
         deadline = time.monotonic() + self.start_timeout
-        while not {n["node_id"] for n in alive_nodes(self.dashboard_url, self._token)} - before:
+        while not alive_node_ids(self.dashboard_url, self._token) - before:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"worker{state.num_workers} not alive after {self.start_timeout:.0f}s")
             time.sleep(0.5)
@@ -385,6 +385,10 @@ def alive_nodes(dashboard_url: str, token: str | None) -> list[dict]:
     """Alive nodes from the state API (/api/v0/nodes): node_ip, resources_total, is_head_node, ..."""
     body = dashboard_get(f"{dashboard_url}/api/v0/nodes?limit=1000&detail=1", token)
     return [n for n in body["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+
+
+def alive_node_ids(dashboard_url: str, token: str | None) -> set[str]:
+    return {n["node_id"] for n in alive_nodes(dashboard_url, token)}
 
 
 # -- `minit2i cluster up|down|status` ---------------------------------------------------------------

@@ -195,29 +195,38 @@ def node_loss_cluster():
 @pytest.fixture()
 def two_nodes(node_loss_cluster):
     """The shared cluster with two live nodes: a worker node lost by an earlier test is replaced.
-    `kill_worker_node()` SIGKILLs the worker node's raylet, as a preempted spot instance vanishes."""
-    from cluster.local import alive_nodes
-
-    if len(alive_nodes(node_loss_cluster.dashboard_url, node_loss_cluster.token)) < 2:
+    `kill_worker_node()` SIGKILLs the worker node's raylet, as a preempted spot instance vanishes.
+    Whether the newest worker node lives is read from its raylet process: Ray can still list a
+    killed node as alive for a while."""
+    if worker_raylet(node_loss_cluster) is None:
         node_loss_cluster.add_worker()
     return node_loss_cluster
+
+
+def worker_raylet(cluster):
+    """The psutil.Process of the raylet of `cluster`'s newest worker node, or None when it is gone."""
+    import psutil
+
+    marker = cluster.state.root.rstrip("/") + f"/worker{cluster.state.num_workers}/"
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        try:
+            if ("raylet" in (proc.info["name"] or "") and proc.info["status"] != psutil.STATUS_ZOMBIE
+                    and any(marker in a for a in proc.info["cmdline"] or ())):
+                return proc
+        except psutil.Error:
+            continue
+    return None
 
 
 def kill_worker_node(cluster) -> int:
     """SIGKILL the raylet of `cluster`'s newest worker node; returns its pid."""
     import signal
 
-    import psutil
-
-    marker = cluster.state.root.rstrip("/") + f"/worker{cluster.state.num_workers}/"
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        try:
-            if "raylet" in (proc.info["name"] or "") and any(marker in a for a in proc.info["cmdline"] or ()):
-                os.kill(proc.pid, signal.SIGKILL)
-                return proc.pid
-        except (psutil.Error, OSError):
-            continue
-    raise AssertionError(f"no raylet of the worker node under {marker}")
+    proc = worker_raylet(cluster)
+    if proc is None:
+        raise AssertionError(f"no raylet of the worker node worker{cluster.state.num_workers} of {cluster.state.root}")
+    os.kill(proc.pid, signal.SIGKILL)
+    return proc.pid
 
 
 def kill_node_mid_run(cluster, args: list[str], folder: Path, timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict[str, int]]:

@@ -105,16 +105,13 @@ def test_a_lost_node_is_replaced_before_ray_has_noticed_the_loss(two_nodes):
     node. Ray lists the dead node as alive until it notices the loss (seconds on a loaded machine), so
     add_worker waits for a node id it has not seen: counting alive nodes waited out its whole start
     timeout when the loss was noticed between the count and the new node's start (a loaded suite run)."""
-    from cluster.local import alive_nodes
+    from cluster.local import alive_node_ids
     from tests.conftest import kill_worker_node
 
-    def alive() -> set[str]:
-        return {n["node_id"] for n in alive_nodes(two_nodes.dashboard_url, two_nodes.token)}
-
-    before = alive()
+    before = alive_node_ids(two_nodes.dashboard_url, two_nodes.token)
     kill_worker_node(two_nodes)
     two_nodes.add_worker()
-    assert alive() - before, "the replacement node is not alive"
+    assert alive_node_ids(two_nodes.dashboard_url, two_nodes.token) - before, "the replacement node is not alive"
 
 
 def test_generate_survives_losing_a_node_mid_run(two_nodes, tmp_path, ckpt):
