@@ -68,6 +68,17 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # workers' lines then reach the driver up to 0.5 s later). Measured on an idle instance holding 207
 # log files: 1.7 CPU-s per 30 s against 1.1.
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+# A node-loss test kills a worker node's raylet; Ray's GCS declares the node dead after 5 failed
+# health checks, 3 s apart by default, and until then the actors and tasks that were on it are not
+# failed over. Checks 1 s apart find a killed raylet in ~5 s instead of ~15 s (a check that times
+# out still takes 10 s, so a raylet slowed by load is not declared dead any sooner). Measured on the
+# curate node-loss test: 68 s against 51 s.
+os.environ.setdefault("RAY_health_check_period_ms", "1000")
+# torch in the pytest process and the commands it starts computes on one thread (Ray already gives
+# each 1-CPU worker one). With two threads on the 2-core box every op waits at OpenMP's barrier for
+# the thread whose core a Ray process holds: tests/model took 110 s with two threads and 52 s with
+# one while another process used the other core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The test machine has 2 cores; Ray is told it has 4 logical CPUs so Data tasks fit beside Train workers.
 RAY_NUM_CPUS = 4
 
