@@ -5,6 +5,7 @@ category against training steps, over a grid of settings, as a Ray Tune experime
     minit2i bench learn -- --single [key=value ...]          one setting in this process, no Ray
     minit2i bench learn -- --audit DATASET ...               the train reader's batches vs the rows
     minit2i bench learn -- --count-swap --load WEIGHTS       blob counts per count word
+    minit2i bench learn -- --score --load WEIGHTS [eval.*=...] one weights folder at other eval settings
 
 A trial trains one setting in its own process with the train job's own step (jobs.train.step:
 `build_engine` + `TrainStep`: DeepSpeed ZeRO on one CPU process, per-sample seeded t/noise/caption
@@ -227,6 +228,23 @@ def evaluate(net, encoder, cfg: LearnConfig, noise_scale: float) -> tuple[dict[f
                 scores[key] = scores.get(key, 0.0) + v / len(cfg.eval.seeds)
         out[float(scale)] = scores
     return out, first, prompts
+
+
+def score_weights(net, encoder, meta: dict, cfg: LearnConfig, where: str) -> dict:
+    """A trained weights folder scored at `cfg.eval`'s settings (the eval-time half of the grid:
+    sampler, steps, CFG scales and interval, seeds), as one row like a training run's evaluation."""
+    from jobs.inference import resolve_sampler
+
+    if net.config.image_size != cfg.world.size:
+        raise ValueError(f"{where}: the weights draw {net.config.image_size}px images, the world's eval prompts "
+                         f"are for world.size={cfg.world.size}")
+    sampler = cfg.eval.sampler
+    t0 = time.perf_counter()
+    by_scale, _, _ = evaluate(net, encoder, cfg, resolve_sampler(sampler, meta).noise_scale)
+    return {"weights": where, "step": meta.get("step"),
+            "sampler": f"{sampler.sampler} {sampler.steps} steps, cfg interval {sampler.cfg_interval}",
+            **{f"{k}@cfg{s:g}": v for s, scores in by_scale.items() for k, v in scores.items()},
+            "eval_s": round(time.perf_counter() - t0, 1)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,7 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save", help="with --single: write the evaluated weights as a weights folder here")
     p.add_argument("--audit", nargs="+", metavar="DATASET", help="check the train reader's batches of these world datasets row by row")
     p.add_argument("--count-swap", action="store_true", help="with --load: blob-count histograms per count word")
-    p.add_argument("--load", help="a weights folder for --count-swap")
+    p.add_argument("--score", action="store_true",
+                   help="with --load: score the weights per category at the config's eval settings (sampler, CFG scales, seeds)")
+    p.add_argument("--load", help="a weights folder for --count-swap or --score")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.steps=1000 'grid={optim.lr: [1e-3, 2e-3]}'")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -529,15 +549,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.audit:
         emit({"audit": audit_batches(args.audit, cfg.batch_size, prompt_length=cfg.text_encoder.prompt_length,
                                      encoder=cfg.text_encoder.name_or_path)})
-    elif args.count_swap:
+    elif args.count_swap or args.score:
         if not args.load:
-            raise ValueError("--count-swap needs --load WEIGHTS")
+            raise ValueError(f"{'--count-swap' if args.count_swap else '--score'} needs --load WEIGHTS")
         from jobs.inference import load_model, resolve_sampler
         from pipelines.world import PALETTE, SHAPES
 
         net, encoder, meta = load_model(args.load)
-        pairs = [(c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(PALETTE)]
-        emit({"count_swap": count_response(net, encoder, resolve_sampler(cfg.eval.sampler, meta), pairs)})
+        if args.count_swap:
+            pairs = [(c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(PALETTE)]
+            emit({"count_swap": count_response(net, encoder, resolve_sampler(cfg.eval.sampler, meta), pairs)})
+        else:
+            emit(score_weights(net, encoder, meta, cfg, args.load))
     elif args.single:
         run(cfg, emit, args.save)
     else:

@@ -80,3 +80,38 @@ def test_an_override_keeps_the_rest_of_its_section():
     cfg = learn.load_config(None, ["optim.steps=1000", "denoiser.noise_scale=2.0"])
     assert (cfg.optim.steps, cfg.optim.lr, cfg.optim.warmup_steps) == (1000, 1e-3, 20)
     assert (cfg.denoiser.noise_scale, cfg.denoiser.caption_dropout) == (2.0, 0.1)
+
+
+def test_score_rescores_saved_weights_at_other_eval_settings(tmp_path, capsys):
+    """`--score --load WEIGHTS`: a weights folder (here a tiny random model written by the real
+    checkpoint code) scored at the sampler settings given, one row per call with every category at
+    every CFG scale; weights for another image size are refused before sampling."""
+    import json
+
+    import torch
+
+    from model.checkpoint import save_weights
+    from model.denoiser import DenoiserConfig
+    from model.mmjit import MMJiT
+    from model.text_encoder import TextEncoderConfig
+    from pipelines.world import resolve_text_encoder
+
+    cfg = learn.load_config(None, ["model.overrides.depth=1"])
+    encoder = TextEncoderConfig(name_or_path=resolve_text_encoder("world"), prompt_length=16)
+    model_cfg = cfg.model.build(64, encoder.prompt_length)
+    torch.manual_seed(0)
+    save_weights(tmp_path / "w", MMJiT(model_cfg).state_dict(), model_cfg, encoder, DenoiserConfig(),
+                 name="ema_0.995", extra={"step": 7})
+    out = tmp_path / "rows.jsonl"
+    assert learn.main(["--score", "--load", str(tmp_path / "w"), "--jsonl", str(out), "eval.per_kind=2",
+                       "eval.sampler.sampler=euler", "eval.sampler.steps=2", "eval.cfg_scales=[1.0, 2.5]",
+                       "eval.seeds=[0, 1]"]) == 0
+    row = json.loads(out.read_text())
+    assert row["step"] == 7 and row["sampler"].startswith("euler 2 steps")
+    for name in (*learn.CATEGORIES, *learn.COUNT_CHECKS):
+        for scale in ("1", "2.5"):
+            assert 0 <= row[f"{name}@cfg{scale}"] <= 1, (name, scale, row)
+    with pytest.raises(ValueError, match="draw 32px images.*world.size=64"):
+        learn.main(["--score", "--load", str(tmp_path / "w"), "world.size=64"])
+    with pytest.raises(ValueError, match="--score needs --load"):
+        learn.main(["--score"])
