@@ -107,6 +107,9 @@ def sampling_trial(config: dict, setup: dict) -> None:
     from jobs.tune.reports import GRID_NAME
 
     cfg = config_lib.from_dict(SamplingTuneConfig, setup["cfg"])
+    # A searched value that no sampler takes fails the trial now, not after the weights and the text
+    # encoder have loaded (seconds of CPU a try on a small box).
+    sampler_from(config, {}, None)
     prompts: list[str] = setup["prompts"]
     device = torch.device("cuda" if cfg.run.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
     net, encoder, meta = load_model(cfg.checkpoint, config.get("weights"), "debug", cfg.text_encoder, device)
