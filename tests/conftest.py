@@ -77,7 +77,9 @@ os.environ.setdefault("RAY_health_check_period_ms", "1000")
 # torch in the pytest process and the commands it starts computes on one thread (Ray already gives
 # each 1-CPU worker one). With two threads on the 2-core box every op waits at OpenMP's barrier for
 # the thread whose core a Ray process holds: tests/model took 110 s with two threads and 52 s with
-# one while another process used the other core.
+# one while another process used the other core. On an idle box two threads are faster, by less
+# (tests/model plus the sample, weights and inference tests: 76 s against 88 s); the suite's Ray
+# processes keep the second core busy much of the time, and one thread bounds the worst case.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The test machine has 2 cores; Ray is told it has 4 logical CPUs so Data tasks fit beside Train workers.
 RAY_NUM_CPUS = 4
