@@ -70,9 +70,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # A node-loss test kills a worker node's raylet; Ray's GCS declares the node dead after 5 failed
 # health checks, 3 s apart by default, and until then the actors and tasks that were on it are not
-# failed over. Checks 1 s apart find a killed raylet in ~5 s instead of ~15 s (a check that times
-# out still takes 10 s, so a raylet slowed by load is not declared dead any sooner). Measured on the
-# curate node-loss test: 68 s against 51 s.
+# failed over. Checks 1 s apart find a killed raylet in ~5 s instead of ~15 s; a raylet that stops
+# answering under load still needs 5 timed-out checks of 10 s (~55 s instead of ~65 s). Measured on
+# the curate node-loss test: 68 s against 51 s.
 os.environ.setdefault("RAY_health_check_period_ms", "1000")
 # torch in the pytest process and the commands it starts computes on one thread (Ray already gives
 # each 1-CPU worker one). With two threads on the 2-core box every op waits at OpenMP's barrier for
