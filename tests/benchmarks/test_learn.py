@@ -82,7 +82,7 @@ def test_an_override_keeps_the_rest_of_its_section():
     assert (cfg.denoiser.noise_scale, cfg.denoiser.caption_dropout) == (2.0, 0.1)
 
 
-def test_score_rescores_saved_weights_at_other_eval_settings(tmp_path, capsys):
+def test_score_rescores_saved_weights_at_other_eval_settings(tmp_path):
     """`--score --load WEIGHTS`: a weights folder (here a tiny random model written by the real
     checkpoint code) scored at the sampler settings given, one row per call with every category at
     every CFG scale; weights for another image size are refused before sampling."""
