@@ -50,6 +50,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 5000             # linear warmup from 0, then constant (MiniT2I)
+    decay_steps: int = 0                 # the run's last N steps decay the rate linearly to decay_to x lr (0: constant to the end)
+    decay_to: float = 0.0                # the rate at the last step, as a fraction of lr
     steps: int = 250_000                 # total optimiser steps of the run
     grad_clip: float = 1.0               # global grad-norm clipping
     micro_batch: int = 0                 # images per worker per forward/backward; less than its batch accumulates (0: no)
@@ -72,6 +74,10 @@ class OptimConfig:
             raise ValueError(f"optim.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.micro_batch < 0:
             raise ValueError(f"optim.micro_batch must be >= 0 (0: no accumulation), got {self.micro_batch}")
+        if not 0 <= self.decay_steps <= self.steps:
+            raise ValueError(f"optim.decay_steps must be between 0 and optim.steps ({self.steps}), got {self.decay_steps}")
+        if not 0.0 <= self.decay_to <= 1.0:
+            raise ValueError(f"optim.decay_to must be a fraction of optim.lr in [0, 1], got {self.decay_to}")
 
     def accumulation(self, batch: int) -> tuple[int, int]:
         """(micro batch, passes per optimiser step) for a per-worker batch of `batch` images; a
@@ -89,11 +95,18 @@ class EMAConfig:
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then constant. A function of the step alone, so
-    a resumed run needs no scheduler state (DeepSpeed's WarmupLR would have to be restored too)."""
-    if cfg.warmup_steps <= 0:
-        return cfg.lr
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    """Linear warmup to cfg.lr over warmup_steps, then constant; with decay_steps, the last
+    decay_steps of the run fall linearly to decay_to x lr at the last step (warmup-stable-decay:
+    the constant phase can be extended or restarted from any checkpoint before the decay). A
+    function of the step alone, so a resumed run needs no scheduler state (DeepSpeed's WarmupLR
+    would have to be restored too)."""
+    scale = 1.0 if cfg.warmup_steps <= 0 else min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.decay_steps > 0:
+        into = step - (cfg.steps - cfg.decay_steps)      # 0 at the first decaying step
+        if into >= 0:
+            frac = min(1.0, (into + 1) / cfg.decay_steps)
+            scale = min(scale, 1.0 - frac * (1.0 - cfg.decay_to))
+    return cfg.lr * scale
 
 
 def resolve_precision(cfg: OptimConfig, device: torch.device) -> str:

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from jobs.train.step import OptimConfig, resolve_compile
+from jobs.train.step import OptimConfig, lr_at, resolve_compile
 
 
 # (compile, ZeRO stage, micro batch) of every engine the tests compare; 0 = no accumulation.
@@ -120,6 +120,22 @@ def test_compile_setting_is_checked():
     assert resolve_compile(OptimConfig(), cuda) and not resolve_compile(OptimConfig(), cpu)
     assert not resolve_compile(OptimConfig(zero_stage=3), cuda)    # auto: ZeRO-3 runs eager
     assert resolve_compile(OptimConfig(compile=True), cpu) and not resolve_compile(OptimConfig(compile=False), cuda)
+
+
+def test_learning_rate_warms_up_holds_then_decays_over_the_last_steps():
+    constant = OptimConfig(lr=1.0, warmup_steps=4, steps=20)
+    assert [lr_at(s, constant) for s in (0, 3, 19)] == [0.25, 1.0, 1.0]    # MiniT2I: constant after warmup
+    wsd = OptimConfig(lr=1.0, warmup_steps=4, steps=20, decay_steps=10, decay_to=0.1)
+    rates = [lr_at(s, wsd) for s in range(20)]
+    assert rates[:10] == [lr_at(s, constant) for s in range(10)]        # the stable phase is the constant run's
+    assert rates[10] == pytest.approx(1.0 - 0.09) and rates[19] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(rates[9:], rates[10:]))            # falls at every decaying step
+    # a decay longer than the warmup's end: the lower of the two ramps
+    assert lr_at(0, OptimConfig(lr=1.0, warmup_steps=4, steps=4, decay_steps=4)) == 0.25
+    with pytest.raises(ValueError, match="optim.decay_steps must be between 0 and optim.steps"):
+        OptimConfig(steps=10, decay_steps=11)
+    with pytest.raises(ValueError, match="optim.decay_to must be a fraction"):
+        OptimConfig(decay_to=1.5)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
