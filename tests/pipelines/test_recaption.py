@@ -230,12 +230,13 @@ def test_recaption_refuses_incomplete_dataset(ray_session, tmp_path):
         recaption.run(cfg)
 
 
-def test_s3_fetch_recaption_manifest_roundtrip(s3_server, image_server, models, tmp_path):
+def test_s3_fetch_recaption_manifest_roundtrip(ray_session, s3_server, image_server, models, tmp_path, cli):
     """fetch -> recaption -> manifest on S3 (moto server on loopback), every step through the CLI.
 
-    The CLI runs start their own Ray (RAY_ADDRESS cleared), so their workers inherit this test's S3
-    endpoint. A watcher lists the bucket throughout: the fetched dataset must never show a manifest
-    before all its shards exist.
+    fetch and recaption run as commands that join the session's Ray (RAY_ADDRESS), as jobs on a
+    cluster do: its workers started after the S3 server, with its endpoint. The manifest commands
+    need no cluster and run in this process. A watcher lists the bucket throughout: the fetched
+    dataset must never show a manifest before all its shards exist.
     """
     import boto3
 
@@ -247,6 +248,7 @@ def test_s3_fetch_recaption_manifest_roundtrip(s3_server, image_server, models, 
     urls = tmp_path / "llava.jsonl"
     urls.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data, out = "s3://test-bucket/cc12m", "s3://test-bucket/cc12m-llava"
+    env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     s3 = boto3.client("s3", endpoint_url=s3_server)
     snapshots, stop = [], threading.Event()
 
@@ -259,7 +261,7 @@ def test_s3_fetch_recaption_manifest_roundtrip(s3_server, image_server, models, 
     watcher.start()
     try:
         proc = run_cli("fetch", urls, data, "shard_size=2", "allow_hosts=[127.0.0.1]",
-                       "timeout=5", "max_in_flight=1", env={"RAY_ADDRESS": ""}, timeout=300)
+                       "timeout=5", "max_in_flight=1", env=env, timeout=300)
     finally:
         stop.set()
         watcher.join()
@@ -275,14 +277,16 @@ def test_s3_fetch_recaption_manifest_roundtrip(s3_server, image_server, models, 
 
     proc = run_cli("recaption", data, out, f"model={llava}", f"t5_tokenizer={t5}",
                    "max_new_tokens=4", "prompt=describe this image", "batch_size=2",
-                   env={"RAY_ADDRESS": ""}, timeout=300)
+                   env=env, timeout=300)
     assert "4/4 rows captioned" in proc.stdout and "images/s" in proc.stdout
     assert all(_table(out).column("caption").to_pylist())
 
-    assert "rows 4" in run_cli("manifest", "show", out).stdout
-    assert "OK" in run_cli("manifest", "verify", data).stdout
-    assert "OK" in run_cli("manifest", "verify", out).stdout
-    diff = run_cli("manifest", "diff", data, out, check=False)
-    assert diff.returncode == 1 and "kind: fetch -> recaption" in diff.stdout and "stats.recaption.captioned" in diff.stdout
+    assert "rows 4" in cli("manifest", "show", out)[1]
+    for uri in (data, out):
+        code, shown, error = cli("manifest", "verify", uri)
+        assert code == 0 and "OK" in shown, (uri, error)
+    code, diff, _ = cli("manifest", "diff", data, out)
+    assert code == 1 and "kind: fetch -> recaption" in diff and "stats.recaption.captioned" in diff
+
     for uri in (data, out):  # credentials never reach a manifest
         assert "testing" not in storage.read_bytes(storage.join(uri, "manifest.json")).decode()

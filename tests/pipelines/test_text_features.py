@@ -96,14 +96,15 @@ def test_encode_text_names_a_corrupt_shard_and_keeps_what_it_committed(ray_sessi
         assert sha(out / marker["shard"]) == marker["sha256"]
 
 
-def test_encode_text_cli_on_s3(tmp_path, s3_server, s3_faults):
-    """The command on S3 rides out the tests' outage of SlowDown from its second shard's upload on: its own Ray
-    workers get the tests' retry budget (conftest.py) from the job's runtime_env."""
+def test_encode_text_cli_on_s3(ray_session, tmp_path, s3_server, s3_faults, cli):
+    """The command on S3, joining the session's Ray as a job on a cluster does, rides out the tests'
+    outage of SlowDown from its second shard's upload on with the tests' retry budget (conftest.py)."""
     data = make_dataset("s3://test-bucket/encode/squares", n=8, size=8, shards=2)
     s3_faults.outage_on("encode/squares-t5/shard-00001.parquet", OUTAGE)
     try:
         proc = run_cli("encode-text", data, "s3://test-bucket/encode/squares-t5",
-                       "text_encoder.prompt_length=16", "batch_size=4")
+                       "text_encoder.prompt_length=16", "batch_size=4",
+                       env={"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
         print(s3_faults.recovery("encode-text"))
     finally:
         s3_faults.clear()
@@ -112,5 +113,5 @@ def test_encode_text_cli_on_s3(tmp_path, s3_server, s3_faults):
     assert manifest.strays("s3://test-bucket/encode/squares-t5") == []
     assert "encode-text: 8 captions -> t5_features (tiny-t5, width 64, prompt length 16" in proc.stdout
     assert storage.exists("s3://test-bucket/encode/squares-t5/manifest.json")
-    bad = run_cli("encode-text", data, "s3://test-bucket/encode/x", "text_encoder.prompt_lenght=16", check=False)
-    assert bad.returncode == 2 and "prompt_lenght" in bad.stderr
+    code, _, error = cli("encode-text", data, "s3://test-bucket/encode/x", "text_encoder.prompt_lenght=16")
+    assert code == 2 and "prompt_lenght" in error
