@@ -52,14 +52,15 @@ def test_eval_scores_known_images_with_every_metric(tmp_path, folder):
     assert saved["summary"]["world/overall"] == s["world/overall"]
 
 
-def test_eval_cli(tmp_path, folder):
+def test_eval_cli(tmp_path, folder, cli):
     proc = run_cli("eval", f"images={folder}", f"out={tmp_path / 'ev'}", "metrics.patch_size=8")
     assert "world/overall" in proc.stdout and "artifact_ratio" in proc.stdout
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["summary"]["artifact_patch"] == 8
-    proc = run_cli("eval", f"images={folder}", f"out={tmp_path / 'ev2'}", f"metrics.fid_model={tmp_path}", check=False)
-    assert proc.returncode == 2 and "FID needs both" in proc.stderr
-    proc = run_cli("eval", f"images={tmp_path / 'nothing'}", check=False)
-    assert proc.returncode == 2 and "no manifest.json" in proc.stderr
+    # The bad inputs end before any work starts: in this process.
+    code, _, error = cli("eval", f"images={folder}", f"out={tmp_path / 'ev2'}", f"metrics.fid_model={tmp_path}")
+    assert code == 2 and "FID needs both" in error
+    code, _, error = cli("eval", f"images={tmp_path / 'nothing'}")
+    assert code == 2 and "no manifest.json" in error
 
 
 def test_benchmark_files_become_generate_prompts(tmp_path):

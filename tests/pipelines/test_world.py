@@ -173,7 +173,7 @@ def read_tsv(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def test_cli_writes_a_cc12m_style_url_list_with_specs(tmp_path):
+def test_cli_writes_a_cc12m_style_url_list_with_specs(tmp_path, cli):
     out = tmp_path / "w"
     args = ("world", out, "n=25", "size=32", "seed=4", "port=9999")
     run_cli(*args)
@@ -195,8 +195,8 @@ def test_cli_writes_a_cc12m_style_url_list_with_specs(tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     run_cli(*args)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    bad = run_cli("world", out, "n=0", check=False)
-    assert bad.returncode == 2 and "need at least one scene" in bad.stderr
+    code, _, error = cli("world", out, "n=0")
+    assert code == 2 and "need at least one scene" in error
 
 
 def test_cli_serve_answers_the_urls_it_wrote(tmp_path):
