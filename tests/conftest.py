@@ -59,6 +59,11 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # group; no test cluster sends such notices (a lost node here is a killed raylet, which Train sees
 # without it), and each watcher costs a process start, so the tests run without.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train's controller polls its workers every 2 s, so a run ends (and a lost worker is noticed)
+# up to a poll or two after its last step: 5.0 s between the workers' last step and the driver's
+# result on a tiny 12-step run, 0.5 s with polls 0.25 s apart (43.8 s against 39.4 s in all). The
+# suite starts a few dozen Train runs, so the tests poll more often.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # The stage tests read the retry lines that Ray forwards from its workers. Ray's log deduplication
 # holds back a line that matches, numbers aside, one another process printed within 5 s (two
 # shards' retry lines during one outage), so the line a test waits for could come after it looked.
