@@ -265,7 +265,8 @@ def _generate(config: RecaptionConfig, todo: list[str], fingerprint: str, progre
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # shard i is complete once shard i+1 starts
     try:
-        ds = ray.data.read_parquet(uris, filesystem=fs, columns=["key", "image"], include_paths=True)
+        # Ray Data pushes the selection down into the Parquet read: only these columns are read.
+        ds = ray.data.read_parquet(uris, filesystem=fs, include_paths=True).select_columns(["key", "image", "path"])
         ds = ds.map_batches(
             Captioner,
             fn_constructor_kwargs={"model": config.model, "prompt": config.prompt, "max_new_tokens": config.max_new_tokens,
