@@ -42,6 +42,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, configure_logging=False, **kwargs)
+        keep_data_coordinator_on_driver_node()
         return ray
     node_ip = os.environ.get("MINIT2I_RAY_NODE_IP")
     if node_ip:
@@ -53,6 +54,26 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: 
               "workers and data actors reserve", flush=True)
     ray.init(address="local", num_cpus=sized, include_dashboard=False, configure_logging=False, **kwargs)
     return ray
+
+
+def keep_data_coordinator_on_driver_node() -> None:
+    """Create Ray Data's cluster-wide autoscaling coordinator from this driver, so it lives on the
+    driver's node (the head, for `--address` and `ray job submit`), if no job has created it yet.
+
+    Ray Data 2.60 starts that coordinator (a named, detached actor that restarts for ever) on the
+    node of whichever process first executes a Dataset, hard-pinned there: in a Train run that can be
+    the ingest's split actor on a worker node. If that node is lost (a preempted spot instance), the
+    coordinator can never restart there, and a Dataset executor that asks it for its resource budget
+    keeps the last answer it had, an empty one for a new job's Dataset. Later Ray releases place it on the head node (ray-project/ray#62260); creating it
+    first does the same here. Ray has no public call for it: on a Ray without this module it is
+    skipped. tests/jobs/test_generate.py shows both placements on a two-node cluster."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 def local_cpus(num_cpus: int | None, min_cpus: float, machine: int) -> int | None:

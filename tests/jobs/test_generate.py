@@ -133,3 +133,61 @@ def test_generate_survives_losing_a_node_mid_run(two_nodes, tmp_path, ckpt):
     assert [(r["index"], r["seed"]) for r in rows] == [(i, s) for i in range(5) for s in (0, 1)]   # nothing lost
     assert {name: (done_dir / name).stat().st_mtime_ns for name in seen} == seen                   # nothing redone
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+
+COORDINATOR_PROBE = """
+import time
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from jobs.ray_init import init_ray, keep_data_coordinator_on_driver_node
+
+def coordinator_node():
+    actor = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=60)
+
+def remove_coordinator():
+    ray.kill(ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator"), no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        except ValueError:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the coordinator outlived ray.kill")
+
+init_ray()
+nodes = [n for n in ray.nodes() if n["Alive"]]
+head = next(n["NodeID"] for n in nodes if "node:__internal_head__" in n["Resources"])
+worker = next(n["NodeID"] for n in nodes if n["NodeID"] != head)
+print("joined", coordinator_node() == head)
+# What Ray Data does when no driver made it first: the first Dataset, run by an actor or task on a
+# worker node (as Train's ingest split runs), pins the coordinator to that node.
+remove_coordinator()
+@ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(worker, soft=False))
+def first_dataset():
+    return len(ray.data.range(4).map(lambda row: row).take_all())
+assert ray.get(first_dataset.remote(), timeout=120) == 4
+print("ray-data-alone", coordinator_node() == worker)
+remove_coordinator()
+keep_data_coordinator_on_driver_node()
+print("kept", coordinator_node() == head)
+"""
+
+
+def test_a_job_keeps_ray_datas_coordinator_on_its_drivers_node(two_nodes):
+    """Ray Data's autoscaling coordinator (one detached actor per cluster, hard-pinned to the node it
+    starts on, restarted for ever) is made by a job's driver as it joins the cluster, so it lives on
+    the head (jobs/ray_init.py), where Ray Data alone puts it on the node of the first Dataset's
+    process: a worker node whose loss would leave it unable to restart."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", COORDINATOR_PROBE], cwd=ROOT, env=two_nodes.env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert [line for line in done.stdout.splitlines() if line.split()[0] in ("joined", "ray-data-alone", "kept")] == [
+        "joined True", "ray-data-alone True", "kept True"], done.stdout
