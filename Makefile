@@ -21,10 +21,10 @@ demo: install
 	$(BIN)/minit2i demo
 
 # TEST_WORKERS=N runs the suite on N pytest-xdist workers (each its own session: tests/conftest.py).
-# 0, the default, runs it in one process. Two workers keep the 2-core box busy where one process
-# leaves a quarter of it idle (2026-12-03: 21 min 0 s against 25 min 43 s), but from a fresh clone the
-# schedule sweep's restored run then made no step in 6 minutes and hit the 600 s test timeout
-# (BENCHMARKS.md "Test-suite cost"), so one process stays the default until that is understood.
+# 0, the default, runs it in one process. The suite is CPU-bound on the 2-core box: two workers
+# finished in 21 min 4 s against 21 min 59 s in one process (2026-12-03), each test taking about
+# twice as long, and a loaded run has failed tests that pass in one process (BENCHMARKS.md,
+# "Test-suite cost").
 TEST_WORKERS ?= 0
 
 test: install
