@@ -64,9 +64,10 @@ def keep_data_coordinator_on_driver_node() -> None:
     node of whichever process first executes a Dataset, hard-pinned there: in a Train run that can be
     the ingest's split actor on a worker node. If that node is lost (a preempted spot instance), the
     coordinator can never restart there, and a Dataset executor that asks it for its resource budget
-    keeps the last answer it had, an empty one for a new job's Dataset. Later Ray releases place it on the head node (ray-project/ray#62260); creating it
-    first does the same here. Ray has no public call for it: on a Ray without this module it is
-    skipped. tests/jobs/test_generate.py shows both placements on a two-node cluster."""
+    keeps the last answer it had, an empty one for a new job's Dataset. Later Ray releases place it
+    on the head node (ray-project/ray#62260); creating it first does the same here. Ray has no public
+    call for it: on a Ray without this module it is skipped. tests/jobs/test_generate.py shows both
+    placements on a two-node cluster."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from jobs.generate import GenerateConfig, generate_images, load_generated, read_
 from jobs.inference import SamplerSection, load_model, sample_images
 from model.denoiser import SamplerConfig
 from pipelines import manifest
-from tests.conftest import OUTAGE, stderr_with
+from tests.conftest import OUTAGE, ROOT, stderr_with
 from tests.jobs.metrics.helpers import make_checkpoint, write_prompts
 
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "three purple circles", "a white square"]
@@ -135,7 +137,6 @@ def test_generate_survives_losing_a_node_mid_run(two_nodes, tmp_path, ckpt):
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
-
 COORDINATOR_PROBE = """
 import time
 import ray
@@ -181,11 +182,6 @@ def test_a_job_keeps_ray_datas_coordinator_on_its_drivers_node(two_nodes):
     starts on, restarted for ever) is made by a job's driver as it joins the cluster, so it lives on
     the head (jobs/ray_init.py), where Ray Data alone puts it on the node of the first Dataset's
     process: a worker node whose loss would leave it unable to restart."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     done = subprocess.run([sys.executable, "-c", COORDINATOR_PROBE], cwd=ROOT, env=two_nodes.env(), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
