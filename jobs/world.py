@@ -33,6 +33,12 @@ def run(args: WorldCommandConfig) -> int:
         uri = write_world(args.out, config, args.n, f"http://{args.host}:{args.port}")
         print(f"world: {args.n} scenes -> {args.out} ({URLS_NAME}, {SPECS_NAME}); manifest: {uri}")
         return 0
+    # Ctrl-C stops the server even when this process was started with SIGINT ignored, as a
+    # background job of a script or a pytest-xdist worker's child inherits it (Python then installs
+    # no KeyboardInterrupt handler, and the server would ignore Ctrl-C for ever).
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Bind first so the URL list carries the real port.
     server = WorldServer(config, args.n, host=args.host, port=args.port)
     uri = write_world(args.out, config, args.n, server.base_url)

@@ -204,6 +204,9 @@ def test_cli_serve_answers_the_urls_it_wrote(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", "world", str(out), "n=6", "size=32", "port=0", "serve=true"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Started with SIGINT ignored, as a script's background job (or an xdist worker's child) is:
+        # the Ctrl-C below must still stop it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
