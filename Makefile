@@ -23,8 +23,7 @@ demo: install
 # TEST_WORKERS=N runs the suite on N pytest-xdist workers (each its own session: tests/conftest.py).
 # 0, the default, runs it in one process. The suite is CPU-bound on the 2-core box: two workers
 # finished in 21 min 4 s against 21 min 59 s in one process (2026-12-03), each test taking about
-# twice as long, and a loaded run has failed tests that pass in one process (BENCHMARKS.md,
-# "Test-suite cost").
+# twice as long (BENCHMARKS.md, "Test-suite cost").
 TEST_WORKERS ?= 0
 
 test: install
