@@ -52,8 +52,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: 
     if sized != num_cpus:
         print(f"local Ray: {sized} logical CPUs on this {machine}-CPU machine, the {min_cpus:g} this job's "
               "workers and data actors reserve", flush=True)
+    kwargs.setdefault("runtime_env", {}).setdefault("worker_process_setup_hook", f"{__name__}.quiet_placement_group_cleaner")
     ray.init(address="local", num_cpus=sized, include_dashboard=False, configure_logging=False, **kwargs)
     return ray
+
+
+# Ray Train's PlacementGroupCleaner (a detached actor beside every run's controller) asks Ray's state
+# API once a second whether the controller still lives, to remove the run's placement group if it
+# died. A local instance here starts without the dashboard that serves that API, so every ask fails
+# and logs "Failed to query Ray Train Controller actor state" (~300 lines in a demo run, a line a
+# second in every local `minit2i train`); the placement groups of a local instance end with it anyway.
+# The local instance's workers raise that one logger to errors. Ray has no setting for it.
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """The worker_process_setup_hook of a local instance's job (PLACEMENT_GROUP_CLEANER_LOGGER)."""
+    import logging
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def keep_data_coordinator_on_driver_node() -> None:

@@ -165,6 +165,27 @@ def test_a_local_instance_fits_what_the_job_reserves():
     assert trial_resources(debug, 0.25)["CPU"] == 2.75
 
 
+
+def test_a_local_instance_quiets_the_placement_group_cleaner_it_cannot_serve():
+    """A local instance has no dashboard, so Ray Train's PlacementGroupCleaner cannot ask whether the
+    controller lives and would log that once a second; the workers' setup hook raises the logger the
+    cleaner really uses (a renamed module in a newer Ray would make the hook a silent no-op) to
+    errors. The small demo's test checks the run's output holds none of those lines."""
+    import logging
+
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    from jobs.ray_init import PLACEMENT_GROUP_CLEANER_LOGGER, quiet_placement_group_cleaner
+
+    assert placement_group_cleaner.logger.name == PLACEMENT_GROUP_CLEANER_LOGGER
+    level = placement_group_cleaner.logger.level
+    try:
+        quiet_placement_group_cleaner()
+        assert not placement_group_cleaner.logger.isEnabledFor(logging.WARNING)
+        assert placement_group_cleaner.logger.isEnabledFor(logging.ERROR)
+    finally:
+        placement_group_cleaner.logger.setLevel(level)
+
 def test_a_subprocess_run_reports_the_same_one_line(tmp_path):
     proc = run_cli("curate", "sources.blip3o=/x", check=False)
     assert proc.returncode == 2

@@ -56,6 +56,9 @@ def test_demo_runs_end_to_end_at_a_small_size(small_demo):
     # Every stage ran and left what the summary points at.
     assert set(summary["stage_seconds"]) == {"ray", "world", "fetch", "curate", "train", "generate", "eval", "tune"}
     assert "recaption: skipped" in proc.stdout
+    # Ray Train's placement-group cleaner cannot reach the state API of a local instance (no
+    # dashboard); its once-a-second warning is kept out of the console (jobs/ray_init.py).
+    assert "Failed to query Ray Train Controller actor state" not in proc.stdout + proc.stderr
     for name in ("fetch_manifest", "curate_manifest"):
         root = str(Path(summary[name]).parent)
         assert manifest.verify(root) == []
