@@ -52,7 +52,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: 
     if sized != num_cpus:
         print(f"local Ray: {sized} logical CPUs on this {machine}-CPU machine, the {min_cpus:g} this job's "
               "workers and data actors reserve", flush=True)
-    kwargs.setdefault("runtime_env", {}).setdefault("worker_process_setup_hook", f"{__name__}.quiet_placement_group_cleaner")
+    hook = f"{__name__}.quiet_placement_group_cleaner"      # the workers' setup: see PLACEMENT_GROUP_CLEANER_LOGGER
+    kwargs.setdefault("runtime_env", {}).setdefault("worker_process_setup_hook", hook)
     ray.init(address="local", num_cpus=sized, include_dashboard=False, configure_logging=False, **kwargs)
     return ray
 

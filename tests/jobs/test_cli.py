@@ -165,7 +165,6 @@ def test_a_local_instance_fits_what_the_job_reserves():
     assert trial_resources(debug, 0.25)["CPU"] == 2.75
 
 
-
 def test_a_local_instance_quiets_the_placement_group_cleaner_it_cannot_serve():
     """A local instance has no dashboard, so Ray Train's PlacementGroupCleaner cannot ask whether the
     controller lives and would log that once a second; the workers' setup hook raises the logger the
@@ -185,6 +184,7 @@ def test_a_local_instance_quiets_the_placement_group_cleaner_it_cannot_serve():
         assert placement_group_cleaner.logger.isEnabledFor(logging.ERROR)
     finally:
         placement_group_cleaner.logger.setLevel(level)
+
 
 def test_a_subprocess_run_reports_the_same_one_line(tmp_path):
     proc = run_cli("curate", "sources.blip3o=/x", check=False)
