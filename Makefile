@@ -20,11 +20,11 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/minit2i demo
 
-# TEST_WORKERS=N runs the suite on N pytest-xdist workers (each its own session: tests/conftest.py).
-# 0, the default, runs it in one process. The suite is CPU-bound on the 2-core box: two workers
-# finished in 21 min 4 s against 21 min 59 s in one process (2026-12-03), each test taking about
-# twice as long (BENCHMARKS.md, "Test-suite cost").
-TEST_WORKERS ?= 0
+# TEST_WORKERS=N runs the suite on N pytest-xdist workers (each its own session: tests/conftest.py),
+# the slowest groups of tests first; 0 runs it in one process. Two on the 2-core box: the tests spend
+# much of their time waiting on process starts, polls and outages, and a second worker fills those
+# waits (2026-12-03: 18 min 15 s against 23 min 8 s in one process; BENCHMARKS.md, "Test-suite cost").
+TEST_WORKERS ?= 2
 
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25
