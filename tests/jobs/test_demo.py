@@ -32,6 +32,9 @@ COUNT_GAP = 0.25
 # of about three binomial standard deviations over 48 prompts plus run-to-run noise (Ray Data's row
 # order and thread timing make runs differ).
 FLOORS = {"world/colours": 0.5, "world/shapes": 0.15, "world/overall": 0.1}
+# The small run goes in the first test's time: ~2 min in one process, 4-6 min beside another xdist
+# worker on the 2-core box (327 s from a fresh clone, 2026-12-03); as long as its command may take.
+pytestmark = pytest.mark.timeout(1200)
 
 
 @pytest.fixture(scope="module")
