@@ -23,7 +23,8 @@ demo: install
 # TEST_WORKERS=N runs the suite on N pytest-xdist workers (each its own session: tests/conftest.py),
 # the slowest groups of tests first; 0 runs it in one process. Two on the 2-core box: the tests spend
 # much of their time waiting on process starts, polls and outages, and a second worker fills those
-# waits (2026-12-03: 18 min 15 s against 23 min 8 s in one process; BENCHMARKS.md, "Test-suite cost").
+# waits (2026-12-03, same tree one run after the other: 17 min 22 s against 23 min 8 s in one process;
+# BENCHMARKS.md, "Test-suite cost").
 TEST_WORKERS ?= 2
 
 test: install
