@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -354,6 +355,10 @@ def build_engine(model_cfg: MMJiTConfig, optim: OptimConfig, batch: int, device:
     # fused into one kernel per parameter group on a GPU.
     opt = torch.optim.AdamW(list(trainable(net).values()), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
                             fused=device.type == "cuda")
+    # DeepSpeed 0.19's ZeRO gathers its partitions through torch.distributed.all_gather_into_tensor,
+    # which this torch marks deprecated: a FutureWarning in every worker's log that only DeepSpeed can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     with hidden_modules(MUON):
         engine, *_ = deepspeed.initialize(model=net, optimizer=opt,
                                           config=deepspeed_config(optim, batch, dist.get_world_size(), precision))
