@@ -21,9 +21,7 @@ weights). Memory per rank is 1/W of a model per decay instead of a whole model.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -166,42 +164,27 @@ def ensure_process_group(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-@contextlib.contextmanager
-def hidden_modules(*names: str):
-    """While the block runs, `import NAME` raises ImportError for each of `names` not loaded yet (a
-    None in sys.modules), so a library's optional import of it is skipped; afterwards it imports
-    normally. For DeepSpeed's optional imports of modules this project never uses (below)."""
-    hide = [name for name in names if name not in sys.modules]
-    for name in hide:
-        sys.modules[name] = None                # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        for name in hide:
-            if sys.modules.get(name, 0) is None:
-                del sys.modules[name]
-
-
 def import_deepspeed():
     """`import deepspeed`, without the MLflow import DeepSpeed's autotuner makes when MLflow is installed.
 
     deepspeed/autotuning/autotuner.py imports MLflow at module level if it can (for the autotuner's
     own metrics, which this project never runs): 1.3 CPU-seconds in every worker process that builds
-    an engine, a third of DeepSpeed's import. The tracker in jobs/train/tracking.py imports MLflow
-    normally afterwards."""
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"]
-    with hidden_modules("mlflow"):
+    an engine, a third of DeepSpeed's import. MLflow is hidden only while DeepSpeed loads (a None in
+    sys.modules makes `import mlflow` raise ImportError); the tracker in jobs/train/tracking.py
+    imports it normally afterwards."""
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None            # type: ignore[assignment]
+    try:
+        import deepspeed
+    finally:
+        if sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
     return deepspeed
-
-
-# deepspeed.initialize's optimiser check (runtime/zero/utils.py, is_zero_supported_optimizer) tries
-# to import DeepSpeed's Muon optimiser to add it to the optimisers ZeRO supports; that module wraps
-# its kernels in torch.compile at import, which loads TorchInductor: 1.2 CPU-seconds per engine on
-# the CPU box (2.7 before transformers has loaded TorchDynamo). The engine here is built with AdamW,
-# which that list holds without Muon, and nothing else in the engine's start imports it.
-MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
 def skip_cpu_shm_kernel(device: torch.device) -> None:
@@ -359,9 +342,8 @@ def build_engine(model_cfg: MMJiTConfig, optim: OptimConfig, batch: int, device:
     # which this torch marks deprecated: a FutureWarning in every worker's log that only DeepSpeed can act on.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
-    with hidden_modules(MUON):
-        engine, *_ = deepspeed.initialize(model=net, optimizer=opt,
-                                          config=deepspeed_config(optim, batch, dist.get_world_size(), precision))
+    engine, *_ = deepspeed.initialize(model=net, optimizer=opt,
+                                      config=deepspeed_config(optim, batch, dist.get_world_size(), precision))
     if resolve_compile(optim, device):
         # DeepSpeed's own entry point (Module.compile: state-dict names stay as they are). Static
         # shapes: every step has the same micro batch, and sampling uses a separate, eager model.
