@@ -36,6 +36,10 @@ _DAEMONS = [("gcs_server", "GCS"), ("raylet/raylet", "raylet"), ("dashboard/agen
             ("ray-dashboard-", "dashboard module"), ("/bin/ray start", "`ray start`"), ("/bin/ray job", "`ray job`")]
 _TRAIN_HELPERS = {"TrainController", "PlacementGroupCleaner", "DatasetManager", "SynchronizationActor",
                   "PreemptionWatcher", "TrainStateActor"}
+# A worker process is `default_worker.py`, then `ray::IDLE`, until it takes an actor or task: its
+# start (interpreter, Ray, and the imports that unpickling the actor's class does) is booked here.
+_RAY_TITLES = {"IDLE": "worker start-up and idle", "DashboardAgent": "dashboard agent",
+               "RuntimeEnvAgent": "runtime-env agent", "JobSupervisor": "JobSupervisor"}
 _DATA_INSTANCE = {"_StatsActor", "_AutoscalingCoordinatorActor", "ActorLocationTracker", "SplitCoordinator"}
 
 
@@ -45,7 +49,7 @@ def kind(cmdline: str) -> tuple[str, str]:
     if cmd.startswith("ray::"):
         title = cmd.split()[0][5:]
         name = title.split(".")[0]
-        if name in ("RayTrainWorker",):
+        if name == "RayTrainWorker":
             return "Ray Train", "Train worker"
         if name in _TRAIN_HELPERS:
             return "Ray Train", name
@@ -56,14 +60,14 @@ def kind(cmdline: str) -> tuple[str, str]:
             return "Ray Data", name
         if name in ("ImplicitFunc", "_QueueActor") or name.startswith("Trainable"):
             return "Ray Tune", "trial actor" if name == "ImplicitFunc" else name
-        if name in ("IDLE", "DashboardAgent", "RuntimeEnvAgent", "JobSupervisor"):
-            return "Ray", {"IDLE": "idle worker"}.get(name, name)
+        if name in _RAY_TITLES:
+            return "Ray", _RAY_TITLES[name]
         return "Ray tasks", name
     for needle, name in _DAEMONS:
         if needle in cmd:
             return "Ray", name
     if "default_worker.py" in cmd:
-        return "Ray", "idle worker"
+        return "Ray", _RAY_TITLES["IDLE"]
     m = re.search(r"(?:-m jobs\.cli|/minit2i)\s+([\w-]+)(?:\s+(sampling|schedule|import|export|merge|up|down))?", cmd)
     if m:
         return "minit2i", " ".join(filter(None, m.groups()))
