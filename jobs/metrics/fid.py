@@ -31,7 +31,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -192,6 +191,8 @@ def frechet_distance(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_
     (kept here so FD on transformers backbones needs no torchvision; the tests check both agree)."""
     if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape:
         raise ValueError(f"FID statistics differ in size: mu {mu_a.shape} vs {mu_b.shape}, sigma {cov_a.shape} vs {cov_b.shape}")
+    import scipy.linalg      # here, not at the top: see jobs/metrics/world.py's find_objects
+
     diff = mu_a - mu_b
     covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():

@@ -29,7 +29,6 @@ import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from pipelines.world import BACKGROUND, PALETTE, SHAPES  # one definition of the world
 
@@ -204,6 +203,10 @@ def find_objects(image: np.ndarray, min_area: int | None = None, max_distance: f
 
     min_area drops specks (sampling noise, anti-aliased edges); default 0.3% of the image, >= 3 px.
     """
+    # scipy.ndimage costs ~0.5 CPU-s to import; every process that reads a training config imports
+    # this module (jobs.train.config -> jobs.evaluate), and only the ones that judge images need it.
+    from scipy import ndimage
+
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] < 3:
         raise ValueError(f"expected an [H, W, 3] image, got shape {image.shape}")
