@@ -97,7 +97,7 @@ GROUPS = {
     "tests/jobs/tune/test_schedule.py": "train-runs", "tests/jobs/train/test_driver.py": "train-runs",
     "tests/jobs/test_generate.py": "node-loss", "tests/pipelines/test_curate.py": "node-loss",
     "tests/pipelines/test_fetch.py": "node-loss",
-    "tests/cluster/test_local.py": "clusters", "tests/cluster/test_submit.py": "clusters",
+    "tests/cluster/test_local.py": "clusters",
 }
 
 

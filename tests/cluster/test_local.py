@@ -1,23 +1,33 @@
-"""`minit2i cluster up|status|down`: a real head + worker node on loopback with token auth on.
+"""A local cluster as a user drives it: `minit2i cluster up`, `status`, jobs sent with `minit2i
+submit` and plain `ray job submit`, then `minit2i cluster down`. A real head + worker node on
+loopback (1 CPU each) with token auth on.
 
-One cluster for the module, driven only through the CLI and HTTP, never ray.init in this process
-(the session's `ray_session` may be running beside it, on other ports and another temp dir).
+One cluster for the module (a cluster's start is ~35 CPU-s on the 2-core box), driven only through
+the CLI, HTTP and the Job Submission API, never ray.init in this process (the session's
+`ray_session` may be running beside it, on other ports and another temp dir). The jobs run
+`minit2i world`, a quick real command. The tests run in file order: `down` is the last.
 """
 
 from __future__ import annotations
 
+import glob
 import ipaddress
 import json
 import os
 import stat
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
 
 from cluster.local import LOOPBACK, LocalCluster, alive_nodes, cluster_processes
-from tests.conftest import run_cli
+from cluster.submit import entrypoint
+from pipelines import world
+from tests.conftest import ROOT, run_cli
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -81,6 +91,75 @@ def test_up_refuses_a_second_cluster_on_the_same_state(cli_cluster):
     state, _ = cli_cluster
     again = run_cli("cluster", "up", f"state={state}", check=False, timeout=60)
     assert again.returncode == 2 and "already running" in again.stderr
+
+
+def submit(cluster: LocalCluster, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli("submit", "--address", cluster.dashboard_url, f"token_file={cluster.token_path}", *args,
+                   check=False, timeout=180, env=env)
+
+
+def test_submit_runs_a_command_in_the_uploaded_working_dir_and_returns_0(cli_cluster):
+    _, cluster = cli_cluster
+    # A relative output folder lands in the job's working dir: the checkout as uploaded to the cluster.
+    done = submit(cluster, f"working_dir={ROOT}", "--", "world", "w", "n=4", "size=32")
+    assert done.returncode == 0, done.stderr
+    assert "world: 4 scenes" in done.stdout          # the job's log, streamed
+    assert "SUCCEEDED" in done.stderr
+    # (each node's session_latest link leads to the same files: count them once)
+    [tsv] = {os.path.realpath(p) for p in glob.glob(f"{cluster.state.root}/**/working_dir_files/*/w/world.tsv",
+                                                     recursive=True)}
+    assert [line.split("\t")[1] for line in Path(tsv).read_text().splitlines()] == [
+        world.make_scene(i, world.WorldConfig(size=32)).caption for i in range(4)
+    ]
+
+
+def test_submit_returns_the_failed_commands_exit_status(cli_cluster, tmp_path):
+    _, cluster = cli_cluster
+    done = submit(cluster, "--", "minit2i", "world", str(tmp_path), "n=0")
+    assert done.returncode == 2                      # minit2i's exit status for bad input
+    assert "need at least one scene" in done.stdout and "FAILED" in done.stderr
+    # The runtime env reaches the driver: MINIT2I_DEBUG=1 turns the clean error into a traceback.
+    done = submit(cluster, "runtime_env={env_vars: {MINIT2I_DEBUG: '1'}}", "--", "world", str(tmp_path), "n=0")
+    assert done.returncode == 1 and "Traceback" in done.stdout
+
+
+def test_plain_ray_job_submit_works_with_the_token_env(cli_cluster, tmp_path):
+    _, cluster = cli_cluster
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    out = tmp_path / "plain"
+    done = subprocess.run([ray_cli, "job", "submit", "--address", cluster.dashboard_url, "--",
+                           "minit2i", "world", str(out), "n=3", "size=32"],
+                          env=cluster.env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len((out / "world.tsv").read_text().splitlines()) == 3
+    # The same command without the token is refused before anything runs.
+    no_token = {**cluster.env(), "RAY_AUTH_MODE": "disabled"}
+    del no_token["RAY_AUTH_TOKEN_PATH"]
+    refused = subprocess.run([ray_cli, "job", "submit", "--address", cluster.dashboard_url, "--", "echo", "hi"],
+                             env=no_token, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "Authentication required" in refused.stdout + refused.stderr
+
+
+def test_submit_without_the_right_token_is_refused(cli_cluster, tmp_path):
+    _, cluster = cli_cluster
+    wrong = run_cli("submit", "--address", cluster.dashboard_url, "token=not-the-token", "--",
+                    "world", str(tmp_path), "n=1", check=False, timeout=60)
+    assert wrong.returncode == 2 and "refused the request" in wrong.stderr and "Forbidden" in wrong.stderr
+    # No token from anywhere: no flag, no RAY_AUTH_TOKEN(_PATH), no ~/.ray/auth_token in this HOME.
+    none = run_cli("submit", "--address", cluster.dashboard_url, "--", "world", str(tmp_path), "n=1",
+                   check=False, timeout=60,
+                   env={"HOME": str(tmp_path), "RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": "", "RAY_AUTH_MODE": "disabled"})
+    assert none.returncode == 2 and "Authentication required" in none.stderr
+    assert not (tmp_path / "world.tsv").exists()
+
+
+def test_entrypoint_checks_the_command():
+    assert entrypoint(["minit2i", "world", "a b"]) == "minit2i world 'a b'"
+    assert entrypoint(["world", "out", "n=4"]) == "minit2i world out n=4"
+    with pytest.raises(ValueError, match="unknown minit2i command 'wrold'"):
+        entrypoint(["wrold"])
+    with pytest.raises(ValueError, match="nothing to submit"):
+        entrypoint(["minit2i"])
 
 
 def test_down_leaves_no_process_and_no_files(cli_cluster):
