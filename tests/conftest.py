@@ -91,13 +91,12 @@ RAY_NUM_CPUS = 4
 
 
 # Tests that share an expensive session fixture run on one xdist worker, or each worker would build
-# it: the training runs of tests/jobs/conftest.py, the node-loss cluster, the module clusters of
-# tests/cluster. Every other module is a group of its own (its module fixtures are built once).
+# it: the training runs of tests/jobs/conftest.py, the node-loss cluster. Every other module is a group
+# of its own (its module fixtures are built once).
 GROUPS = {
     "tests/jobs/tune/test_schedule.py": "train-runs", "tests/jobs/train/test_driver.py": "train-runs",
     "tests/jobs/test_generate.py": "node-loss", "tests/pipelines/test_curate.py": "node-loss",
     "tests/pipelines/test_fetch.py": "node-loss",
-    "tests/cluster/test_local.py": "clusters",
 }
 
 
@@ -111,8 +110,8 @@ SLOWEST_FIRST = [
     "tests/jobs/test_demo.py",                      # 149
     "tests/pipelines/test_recaption.py",            # 104
     "tests/jobs/test_start_from_released.py",       # 85
-    "clusters",                                     # 72
     "tests/jobs/train/test_feedback.py",            # 59
+    "tests/cluster/test_local.py",                  # 58
     "tests/pipelines/test_text_features.py",        # 49
     "tests/jobs/tune/test_sampling.py",             # 46
 ]
