@@ -93,13 +93,17 @@ def test_up_refuses_a_second_cluster_on_the_same_state(cli_cluster):
     assert again.returncode == 2 and "already running" in again.stderr
 
 
+@pytest.fixture
+def cluster(cli_cluster) -> LocalCluster:
+    return cli_cluster[1]
+
+
 def submit(cluster: LocalCluster, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli("submit", "--address", cluster.dashboard_url, f"token_file={cluster.token_path}", *args,
                    check=False, timeout=180, env=env)
 
 
-def test_submit_runs_a_command_in_the_uploaded_working_dir_and_returns_0(cli_cluster):
-    _, cluster = cli_cluster
+def test_submit_runs_a_command_in_the_uploaded_working_dir_and_returns_0(cluster):
     # A relative output folder lands in the job's working dir: the checkout as uploaded to the cluster.
     done = submit(cluster, f"working_dir={ROOT}", "--", "world", "w", "n=4", "size=32")
     assert done.returncode == 0, done.stderr
@@ -113,8 +117,7 @@ def test_submit_runs_a_command_in_the_uploaded_working_dir_and_returns_0(cli_clu
     ]
 
 
-def test_submit_returns_the_failed_commands_exit_status(cli_cluster, tmp_path):
-    _, cluster = cli_cluster
+def test_submit_returns_the_failed_commands_exit_status(cluster, tmp_path):
     done = submit(cluster, "--", "minit2i", "world", str(tmp_path), "n=0")
     assert done.returncode == 2                      # minit2i's exit status for bad input
     assert "need at least one scene" in done.stdout and "FAILED" in done.stderr
@@ -123,8 +126,7 @@ def test_submit_returns_the_failed_commands_exit_status(cli_cluster, tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stdout
 
 
-def test_plain_ray_job_submit_works_with_the_token_env(cli_cluster, tmp_path):
-    _, cluster = cli_cluster
+def test_plain_ray_job_submit_works_with_the_token_env(cluster, tmp_path):
     ray_cli = str(Path(sys.executable).with_name("ray"))
     out = tmp_path / "plain"
     done = subprocess.run([ray_cli, "job", "submit", "--address", cluster.dashboard_url, "--",
@@ -140,8 +142,7 @@ def test_plain_ray_job_submit_works_with_the_token_env(cli_cluster, tmp_path):
     assert refused.returncode != 0 and "Authentication required" in refused.stdout + refused.stderr
 
 
-def test_submit_without_the_right_token_is_refused(cli_cluster, tmp_path):
-    _, cluster = cli_cluster
+def test_submit_without_the_right_token_is_refused(cluster, tmp_path):
     wrong = run_cli("submit", "--address", cluster.dashboard_url, "token=not-the-token", "--",
                     "world", str(tmp_path), "n=1", check=False, timeout=60)
     assert wrong.returncode == 2 and "refused the request" in wrong.stderr and "Forbidden" in wrong.stderr
