@@ -325,6 +325,8 @@ def open_uploads(uri: str) -> list[tuple[str, str]]:
 def abort_uploads(uri: str) -> list[str]:
     """Abort the unfinished multipart uploads under a job's own prefix `uri` (call once the job's writes
     are done: an upload in flight would be cut). Returns the keys whose uploads were aborted."""
+    if not is_s3(uri):
+        return []                                 # a local folder has no uploads (and needs no boto3)
     client = s3_client()
     aborted = []
     for target, upload in open_uploads(uri):

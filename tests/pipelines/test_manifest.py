@@ -78,3 +78,15 @@ def test_manifest_has_no_timestamps_and_is_byte_stable(tmp_path):
     first = storage.read_bytes(storage.join(root, "manifest.json"))
     manifest.write(root, manifest.read(root))
     assert storage.read_bytes(storage.join(root, "manifest.json")) == first
+
+
+def test_local_manifest_write_needs_no_s3_client(tmp_path, monkeypatch):
+    # A local dataset folder has no multipart uploads to abort: writing its manifest must not build an
+    # S3 client (boto3 is absent from some GPU images; a bare `import boto3` failed there).
+    def no_client():
+        raise AssertionError("an S3 client was built for a local folder")
+
+    monkeypatch.setattr(storage, "s3_client", no_client)
+    root = _build(tmp_path / "local")
+    assert storage.abort_uploads(root) == []
+    assert manifest.read(root).kind == "fetch"
