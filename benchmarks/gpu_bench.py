@@ -144,7 +144,7 @@ def bench_job_step(batch: int, zero_stage: int, compile_: bool, steps: int, peak
     return out
 
 
-def bench_sampling(batch: int, steps: int, sampler: str, compile_: bool) -> dict:
+def bench_sampling(batch: int, steps: int, sampler: str, compile_: bool, cfg_scale: float = 2.0) -> dict:
     torch.manual_seed(0)
     cfg = preset("B/16", text_dim=1024, image_size=512)
     net = MMJiT(cfg).cuda().to(torch.bfloat16).eval()
@@ -152,7 +152,7 @@ def bench_sampling(batch: int, steps: int, sampler: str, compile_: bool) -> dict
     fwd = torch.compile(net) if compile_ else net
     text, mask = text_inputs(batch, 256, 1024)
     text = text.to(torch.bfloat16)
-    scfg = SamplerConfig(sampler=sampler, steps=steps, cfg_scale=2.0)
+    scfg = SamplerConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale)
 
     def run():
         return sample(lambda z, t, m: fwd(z.to(torch.bfloat16), t, m), text, mask, (batch, 3, 512, 512), scfg,
@@ -160,7 +160,7 @@ def bench_sampling(batch: int, steps: int, sampler: str, compile_: bool) -> dict
 
     sec = timed(run, 1, 2)
     nfe = steps if sampler == "euler" else 2 * steps - 1
-    return {"sampler": sampler, "steps": steps, "nfe": nfe, "batch": batch, "compile": compile_,
+    return {"sampler": sampler, "steps": steps, "nfe": nfe, "cfg_scale": cfg_scale, "batch": batch, "compile": compile_,
             "sec": sec, "img_s": batch / sec}
 
 
@@ -216,6 +216,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--weights", nargs="+", default=["fp32"], choices=["fp32", "bf16"], help="weight dtypes to time")
     p.add_argument("--no-eager", action="store_true", help="time only the torch.compile'd step")
+    p.add_argument("--sample", nargs="+", default=["heun:20:2.0"],
+                   help="sampling setups as SAMPLER:STEPS:CFG (batch 16, B/16 512px, bf16, compiled); the published "
+                        "preset is euler:100:6.0")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -250,7 +253,9 @@ def main() -> int:
             for b in args.batch:
                 attempt("job", lambda: bench_job_step(b, int(stage), mode == "compile", args.steps, peak))
     if "sample" in todo:
-        attempt("sample", lambda: bench_sampling(16, 20, "heun", True))
+        for setup in args.sample:
+            sampler, steps, cfg_scale = setup.split(":")
+            attempt("sample", lambda: bench_sampling(16, int(steps), sampler, True, float(cfg_scale)))
     if "t5" in todo:
         attempt("t5", lambda: bench_t5(64))
     if "recaption" in todo:
