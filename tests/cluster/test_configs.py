@@ -98,3 +98,18 @@ def test_ray_validation_rejects_a_broken_aws_config():
     raw["head_node_type"] = "gpu-head"
     with pytest.raises(ValueError, match="head_node_type"):
         validate_config(prepare_config(raw))
+
+
+@pytest.mark.parametrize("preset", ["b16_pretrain", "b16_finetune", "l16_pretrain", "l16_finetune"])
+def test_gpu_presets_fit_one_gpu_node(preset):
+    # A GPU node runs 8 Train workers, each with its reader and decode actors: the CPUs the preset asks
+    # for must fit the GPU node types here, or workers wait for CPUs that never come.
+    from jobs.train.config import TrainConfig, run_cpus
+    from pipelines import config as config_lib
+
+    cfg = config_lib.load(TrainConfig, ROOT / "jobs" / "configs" / f"{preset}.yaml", ["scaling.num_workers=8"])
+    node_cpus = {"aws": load("aws/cluster.yaml")["available_node_types"]["gpu"]["resources"]["CPU"],
+                 "kuberay": int(containers(next(g for g in load("kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"]
+                                                if g["groupName"] == "gpu"))[0]["resources"]["limits"]["cpu"])}
+    for where, cpus in node_cpus.items():
+        assert run_cpus(cfg) <= cpus, f"{preset}: 8 workers need {run_cpus(cfg)} CPUs, a {where} GPU node has {cpus}"
