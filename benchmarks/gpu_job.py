@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", nargs="+", default=["ref", "job", "sample"], choices=["ref", "job", "sample"])
     p.add_argument("--budget", type=float, default=420,
                    help="seconds since the start past which the sampling part is skipped (a device lease is short)")
-    p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for the train job")
+    p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every train job")
+    p.add_argument("--variant", action="append", default=[],
+                   help="run the job once more per --variant, with these space-separated key=value overrides, on "
+                        "the same machine, e.g. --variant data.decode_actors=4 --variant data.decode_actors=8")
     p.add_argument("--job-timeout", type=float, default=330)
     p.add_argument("--cpu-check", action="store_true", help="debug model at 64px on the CPU: checks the plumbing only")
     args = p.parse_args(argv)
@@ -210,24 +213,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             base = ["--config", "jobs/configs/debug.yaml", "scaling.num_workers=1",
                     "scaling.cpus_per_worker=1", "data.decode_actors=0"]
-        cmd = [sys.executable, "-m", "jobs.cli", "train", *base, "name=gpu_job", f"storage_path={run_dir}",
-               f"data.datasets=[{data}]", f"data.batch_size={args.batch * gpus}", f"optim.micro_batch={args.batch}",
-               f"optim.steps={args.steps}", "optim.warmup_steps=10", f"checkpoint.every={args.steps}",
-               f"logging.every={args.log_every}", "logging.sample_every=0", "data.shuffle_rows=512",
-               "scaling.max_failures=0"]
-        cmd += args.set
-        stamps: dict[int, float] = {}
-        with GpuMonitor(out / "smi.csv") as mon:
-            rc, wall, text = run_logged(cmd, out / "job.log", timeout=args.job_timeout, stamps=stamps)
-        lines = parse_train_lines(text)
-        after = 2 * args.log_every
-        # nvidia-smi over the steady intervals only: from the line that closes the last unsteady one to the last line
-        results["job"] = {"rc": rc, "wall_s": wall, "lines": lines, "cmd": cmd,
-                          "img_s": steady(lines, after, "img_per_s"), "mfu": steady(lines, after, "mfu"),
-                          **mon.window(stamps.get(after), max(stamps.values()) if stamps else None)}
-        dump()
-        if rc != 0:
-            print(f"the job failed (exit {rc}); its log: {out / 'job.log'}", flush=True)
+        results["jobs"] = []
+        for i, variant in enumerate(args.variant or [""]):
+            # Variants run one after another on the same machine: an A/B that a second lease cannot give.
+            name = "gpu_job" if i == 0 else f"gpu_job_v{i}"
+            cmd = [sys.executable, "-m", "jobs.cli", "train", *base, f"name={name}", f"storage_path={run_dir}",
+                   f"data.datasets=[{data}]", f"data.batch_size={args.batch * gpus}", f"optim.micro_batch={args.batch}",
+                   f"optim.steps={args.steps}", "optim.warmup_steps=10", f"checkpoint.every={args.steps}",
+                   f"logging.every={args.log_every}", "logging.sample_every=0", "data.shuffle_rows=512",
+                   "scaling.max_failures=0", *args.set, *variant.split()]
+            stamps: dict[int, float] = {}
+            log = out / ("job.log" if i == 0 else f"job_v{i}.log")
+            with GpuMonitor(work / f"smi_{i}.csv") as mon:
+                rc, wall, text = run_logged(cmd, log, timeout=args.job_timeout, stamps=stamps)
+            lines = parse_train_lines(text)
+            after = 2 * args.log_every
+            # nvidia-smi over the steady intervals only: from the line that closes the last unsteady one to the last
+            results["jobs"].append({"variant": variant, "rc": rc, "wall_s": wall, "lines": lines, "cmd": cmd,
+                                    "img_s": steady(lines, after, "img_per_s"), "mfu": steady(lines, after, "mfu"),
+                                    **mon.window(stamps.get(after), max(stamps.values()) if stamps else None)})
+            dump()
+            if rc != 0:
+                print(f"the job failed (exit {rc}); its log: {log}", flush=True)
 
     if "sample" in args.parts and cuda:
         if time.perf_counter() - t_start > args.budget:
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     results["total_s"] = time.perf_counter() - t_start
     dump()
     report(results)
-    return 0 if results.get("job", {}).get("rc", 0) == 0 else 1
+    return 0 if all(j["rc"] == 0 for j in results.get("jobs", [])) else 1
 
 
 def report(r: dict) -> None:
@@ -269,13 +276,12 @@ def report(r: dict) -> None:
     both = 1 / (1 / step["img_s"] + 1 / t5["prompts_s"]) if step and t5 else None
     if both:
         print(f"{'step + T5 encoding, if nothing else cost':<52}{both:>9.1f}{'':>8}{both / step['img_s']:>9.2f}")
-    job = r.get("job")
-    if job:
+    for job in r.get("jobs", []):
+        what = "minit2i train " + (job["variant"] or "(Ray Train, Ray Data, T5 online)")
         if job.get("img_s"):
             mfu = f"{100 * job['mfu']:.1f}%" if job.get("mfu") else "-"
             ratio = f"{job['img_s'] / step['img_s']:.2f}" if step else "-"
-            print(f"{'minit2i train (Ray Train, 1 worker/GPU, Ray Data, T5)':<52}{job['img_s']:>9.1f}"
-                  f"{mfu:>8}{ratio:>9}   wall {job['wall_s']:.0f} s")
+            print(f"{what:<52}{job['img_s']:>9.1f}{mfu:>8}{ratio:>9}   wall {job['wall_s']:.0f} s")
             if both:
                 print(f"  job / (step + T5) = {job['img_s'] / both:.2f}")
             if job.get("gpu_util_median") is not None:
@@ -283,7 +289,7 @@ def report(r: dict) -> None:
                       f"{job['gpu_util_median']:.0f}%, {100 * job['gpu_util_below_50']:.0f}% of samples under 50%; "
                       f"max memory {job['gpu_mem_max_mib']:.0f} MiB")
         else:
-            print(f"minit2i train: exit {job['rc']}, no steady-state interval logged (wall {job['wall_s']:.0f} s)")
+            print(f"{what}: exit {job['rc']}, no steady-state interval logged (wall {job['wall_s']:.0f} s)")
     s = r.get("sample", {})
     for x in s.get("sample", []):
         if "img_s" in x:
