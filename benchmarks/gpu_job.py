@@ -13,7 +13,8 @@ batch, and the bf16 matmul ceiling. If the job ran at the Ray-free step's speed 
 encoding, its img/s would be 1 / (1/step + 1/t5); the ratio of the measured img/s to that says
 what Ray Train, the data path and the job's bookkeeping cost. Then sampling: the published preset
 (Euler, 100 steps, CFG 6) timed alone, and `minit2i sample` with `sampler.preset=b16-geneval` on the
-run's own checkpoint, which writes a grid.
+run's own checkpoint (its trained weights: a few dozen steps leave the EMA at its start), which
+writes a grid.
 
     python benchmarks/gpu_job.py --out $OUT                       # ~6 minutes on one H100/H200
     python benchmarks/gpu_job.py --cpu-check --out /tmp/gj        # the plumbing on a CPU: debug model, 64px
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             if (run_dir / "gpu_job").exists() and time.perf_counter() - t_start < args.budget + 40:
                 prompts = "[a red apple on a table, two dogs on the grass, a blue car beside a house, three cups]"
                 rc, wall, _ = run_logged([sys.executable, "-m", "jobs.cli", "sample", f"checkpoint={run_dir / 'gpu_job'}",
-                                          "sampler.preset=b16-geneval", f"prompts={prompts}", "per_prompt=4",
+                                          "weights=model", "sampler.preset=b16-geneval", f"prompts={prompts}", "per_prompt=4",
                                           f"out={out / 'sample_grid.png'}"], out / "sample_cmd.log", timeout=130)
                 results["sample_cmd"] = {"rc": rc, "wall_s": wall, "images": 16}
         dump()
@@ -299,7 +300,7 @@ def report(r: dict) -> None:
         print("sampling:", s["skipped"])
     if "sample_cmd" in r:
         c = r["sample_cmd"]
-        print(f"minit2i sample sampler.preset=b16-geneval, 16 images: exit {c['rc']}, wall {c['wall_s']:.0f} s (loads included)")
+        print(f"minit2i sample weights=model sampler.preset=b16-geneval, 16 images: exit {c['rc']}, wall {c['wall_s']:.0f} s (loads included)")
     print(f"total {r['total_s']:.0f} s")
 
 
