@@ -162,6 +162,7 @@ def test_batches_come_when_the_train_workers_hold_every_other_cpu(squares, ray_s
     positions once went in through Ray Data's from_numpy, whose 1-CPU task per block then waited for
     a CPU for ever.)"""
     import threading
+    import time
 
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -170,8 +171,17 @@ def test_batches_come_when_the_train_workers_hold_every_other_cpu(squares, ray_s
 
     cfg = DataConfig(datasets=[squares], batch_size=G, partitions=2, decode_actors=0)
     index = build_index(cfg)
-    held = placement_group([{"CPU": ray_session.cluster_resources()["CPU"] - cfg.read_cpus}])
-    ray_session.get(held.ready(), timeout=120)
+    # The session's instance is shared: an earlier test's actors and placement groups (Ray Data pools,
+    # Train runs) are released asynchronously. Wait for its CPUs to come back, then hold every free
+    # CPU but the reader's, so the reader gets exactly its own share whatever is still going.
+    total, deadline = ray_session.cluster_resources()["CPU"], time.monotonic() + 60
+    while ray_session.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    free = ray_session.available_resources().get("CPU", 0)
+    assert free >= cfg.read_cpus, f"only {free} of the session's {total} CPUs free after 60 s"
+    held = placement_group([{"CPU": free - cfg.read_cpus}]) if free > cfg.read_cpus else None
+    if held:
+        ray_session.get(held.ready(), timeout=120)
     got, errors = [], []
 
     def read():
@@ -183,7 +193,8 @@ def test_batches_come_when_the_train_workers_hold_every_other_cpu(squares, ray_s
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     reader.join(120)
-    remove_placement_group(held)
+    if held:
+        remove_placement_group(held)
     assert not reader.is_alive(), "no batches within 120 s with every CPU but the reader's held"
     assert not errors, errors
     assert got == [keys[:G // 2] for keys in expected_keys(squares, range(3))]
