@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the job once more per --variant, with these space-separated key=value overrides, on "
                         "the same machine, e.g. --variant data.decode_actors=4 --variant data.decode_actors=8")
     p.add_argument("--job-timeout", type=float, default=330)
+    p.add_argument("--plain-step", action="store_true",
+                   help="also time the plain compiled step (no DeepSpeed: gpu_bench --only train), ~2 more minutes")
     p.add_argument("--cpu-check", action="store_true", help="debug model at 64px on the CPU: checks the plumbing only")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -199,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if "ref" in args.parts and cuda:
         ref_json = work / "ref.json"
+        plain = ["--only", "train", "--no-eager"] if args.plain_step else []
         rc, wall, _ = run_logged([sys.executable, "benchmarks/gpu_bench.py", "--only", "matmul", "--only", "job",
-                                  "--job", "2:compile", "--only", "t5", "--batch", str(args.batch), "--steps", "20",
-                                  "--out", str(ref_json)], out / "ref.log", timeout=240)
+                                  "--job", "2:compile", "--only", "t5", *plain, "--batch", str(args.batch),
+                                  "--steps", "20", "--out", str(ref_json)], out / "ref.log", timeout=240 + 120 * args.plain_step)
         ref = json.loads(ref_json.read_text()) if ref_json.exists() else {}
         results["ref"] = {"rc": rc, "wall_s": wall, **ref}
         dump()
@@ -272,6 +275,11 @@ def report(r: dict) -> None:
               f"{100 * step.get('mfu', 0):>7.1f}%{1.0:>9.2f}   first step {step['first_step_s']:.0f} s")
     elif ref.get("job"):
         print("Ray-free job step:", ref["job"])
+    plain = next((x for x in ref.get("train", []) if "img_s" in x), None)
+    if plain:
+        ratio = f"{plain['img_s'] / step['img_s']:.2f}" if step else "-"
+        print(f"{'plain compiled step (no DeepSpeed, autocast)':<52}{plain['img_s']:>9.1f}"
+              f"{100 * plain.get('mfu', 0):>7.1f}%{ratio:>9}")
     if t5:
         print(f"{'T5-large-shaped encoder alone (prompts/s)':<52}{t5['prompts_s']:>9.1f}")
     both = 1 / (1 / step["img_s"] + 1 / t5["prompts_s"]) if step and t5 else None
