@@ -10,6 +10,7 @@ a LLaVA-1.5-7B-shaped config with random weights and forced to generate a fixed 
     python benchmarks/gpu_bench.py --out results.json            # everything, ~5 minutes on an H100
     python benchmarks/gpu_bench.py --only train --batch 32
     python benchmarks/gpu_bench.py --only job --batch 32          # DeepSpeed ZeRO-2 eager vs compiled, ZeRO-3
+    python benchmarks/gpu_bench.py --only recaption --recaption 16:dynamic 16:static 48:static
 """
 
 from __future__ import annotations
@@ -178,7 +179,9 @@ def bench_t5(batch: int) -> dict:
     return {"model": "FLAN-T5-large-shaped encoder (bf16)", "batch": batch, "prompts_s": batch / sec}
 
 
-def bench_recaption(batch: int, new_tokens: int) -> dict:
+def bench_recaption(batch: int, new_tokens: int, cache: str = "dynamic") -> dict:
+    """LLaVA-1.5-7B-shaped generate() at `batch` images; cache "static" preallocates the KV cache, and
+    transformers then compiles the decode step (the first, untimed call pays the compile)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -199,12 +202,17 @@ def bench_recaption(batch: int, new_tokens: int) -> dict:
     def run():
         with torch.no_grad():
             return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  cache_implementation="static" if cache == "static" else None)
 
     sec = timed(run, 1, 2)
     params = sum(p.numel() for p in model.parameters())
-    return {"model": f"LLaVA-1.5-7B-shaped ({params / 1e9:.2f}B, bf16, random weights)", "batch": batch,
-            "new_tokens": new_tokens, "sec": sec, "images_s": batch / sec, "tokens_s": batch * new_tokens / sec}
+    out = {"model": f"LLaVA-1.5-7B-shaped ({params / 1e9:.2f}B, bf16, random weights)", "batch": batch, "cache": cache,
+           "new_tokens": new_tokens, "sec": sec, "images_s": batch / sec, "tokens_s": batch * new_tokens / sec}
+    del model
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return out
 
 
 def main() -> int:
@@ -216,6 +224,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--weights", nargs="+", default=["fp32"], choices=["fp32", "bf16"], help="weight dtypes to time")
     p.add_argument("--no-eager", action="store_true", help="time only the torch.compile'd step")
+    p.add_argument("--recaption", nargs="+", default=["16:dynamic"],
+                   help="recaption setups as BATCH:CACHE (dynamic or static: the preallocated KV cache, decode compiled)")
     p.add_argument("--sample", nargs="+", default=["heun:20:2.0"],
                    help="sampling setups as SAMPLER:STEPS:CFG (batch 16, B/16 512px, bf16, compiled); the published "
                         "preset is euler:100:6.0")
@@ -259,7 +269,9 @@ def main() -> int:
     if "t5" in todo:
         attempt("t5", lambda: bench_t5(64))
     if "recaption" in todo:
-        attempt("recaption", lambda: bench_recaption(16, 64))
+        for setup in args.recaption:
+            batch, cache = setup.split(":")
+            attempt("recaption", lambda: bench_recaption(int(batch), 64, cache))
     Path(args.out).write_text(json.dumps(results, indent=2))
 
     print(f"\n{name}, torch {torch.__version__}, {results['date']}")

@@ -59,6 +59,8 @@ class RecaptionConfig:
     prompt: str = "Describe this image in detail in one paragraph: the main subjects, their colours, positions and any text."
     max_new_tokens: int = 160
     batch_size: int = 8                 # images per generate() call
+    cache: str = "dynamic"              # generate()'s KV cache: dynamic (grows per token) or static (preallocated;
+                                        # on a GPU transformers then compiles the decode step). Same captions.
     dtype: str = "auto"                 # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
     concurrency: int = 1                # captioning actors
     num_gpus: float = 0.0               # per actor; 0 = CPU
@@ -74,6 +76,10 @@ class RecaptionConfig:
     min_match_rate: float = 0.9         # join_on=key: refused when fewer rows than this match with agreeing urls
     unmatched: str = "skip"             # rows without a joined caption: skip (status failed/no_caption) or keep
     join_rows_per_pass: int = 2_000_000 # shard rows joined per streaming pass over the file (~1.5 KB of memory a row)
+
+    def __post_init__(self):
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"recaption cache must be dynamic or static, got {self.cache!r}")
 
 
 def _settings(config: RecaptionConfig) -> dict[str, Any]:
@@ -103,7 +109,8 @@ class Captioner:
     Greedy decoding, so a shard captioned twice gets the same captions on the same hardware.
     """
 
-    def __init__(self, model: str, prompt: str, max_new_tokens: int, t5_tokenizer: str, dtype: str = "auto"):
+    def __init__(self, model: str, prompt: str, max_new_tokens: int, t5_tokenizer: str, dtype: str = "auto",
+                 cache: str = "dynamic"):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -114,6 +121,10 @@ class Captioner:
             dtype = "bfloat16" if self.device == "cuda" else "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"recaption dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        if cache not in ("dynamic", "static"):
+            raise ValueError(f"recaption cache must be dynamic or static, got {cache!r}")
+        # transformers' name for it; None keeps generate()'s default (a dynamic cache).
+        self.cache_implementation = "static" if cache == "static" else None
         self.processor = AutoProcessor.from_pretrained(model)
         # Decoder-only generation over a padded batch needs the padding on the left.
         self.processor.tokenizer.padding_side = "left"
@@ -134,7 +145,8 @@ class Captioner:
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                                      cache_implementation=self.cache_implementation)
         new = out[:, inputs["input_ids"].shape[1]:]                      # [B, new tokens]: drop the prompt
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 
@@ -270,7 +282,7 @@ def _generate(config: RecaptionConfig, todo: list[str], fingerprint: str, progre
         ds = ds.map_batches(
             Captioner,
             fn_constructor_kwargs={"model": config.model, "prompt": config.prompt, "max_new_tokens": config.max_new_tokens,
-                                   "t5_tokenizer": config.t5_tokenizer, "dtype": config.dtype},
+                                   "t5_tokenizer": config.t5_tokenizer, "dtype": config.dtype, "cache": config.cache},
             batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_gpus=config.num_gpus or None, num_cpus=config.num_cpus,
         )

@@ -39,6 +39,7 @@ def bad_input_cases(tmp):
                   ([f"out={tmp / 'o'}"], "fetch needs an output folder and one input")],
         "recaption": [([missing, tmp / "o", "modle=x"], "unknown key 'modle'; did you mean 'model'?"),
                       ([missing, tmp / "o", "batch_size=[1]"], "batch_size must be an integer, got [1]"),
+                      ([missing, tmp / "o", "cache=paged"], "recaption cache must be dynamic or static, got 'paged'"),
                       ([missing, tmp / "o"], f"no manifest.json in {missing}")],
         "cluster": [(["up", "workerz=2"], "unknown key 'workerz'; did you mean 'workers'?"),
                     (["up", "workers=two"], "workers must be an integer, got 'two'"),

@@ -4,6 +4,8 @@ a real S3 server on loopback."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import threading
 import time
@@ -113,11 +115,12 @@ def test_recaption_generates_and_resumes(ray_session, models, fetched, tmp_path)
     assert manifest.verify(out) == []
     assert "images/s" in recaption.summary(result)
 
-    # Resume: lose one output shard and its marker; only that shard is captioned again, identically.
+    # Resume: lose one output shard and its marker; only that shard is captioned again, identically,
+    # here with the static KV cache (a speed setting: the same greedy captions, the same run).
     before = {s.path: s.sha256 for s in m.shards}
     storage.delete(storage.join(out, "shard-00001.parquet"))
     storage.delete(storage.join(out, recaption.COMMIT_DIR, "shard-00001.json"))
-    again = recaption.run(cfg)
+    again = recaption.run(dataclasses.replace(cfg, cache="static"))
     assert (again.shards_run, again.shards_skipped) == (1, 1)
     assert {s.path: s.sha256 for s in manifest.read(out).shards} == before
     assert recaption.run(cfg).shards_run == 0
