@@ -61,27 +61,22 @@ def parse_train_lines(text: str) -> list[dict]:
 
 
 def steady(rows: list[dict], after: int, key: str) -> float | None:
-    """Median of `key` over the logging intervals that start at or after step `after` (the compile
-    and the pipeline's fill are in the first ones)."""
+    """Median of `key` over the logging intervals after step `after` (the compile and the pipeline's
+    fill are in the first ones)."""
     values = [r[key] for r in rows if key in r and r["step"] > after]
     return statistics.median(values) if values else None
 
 
 def save_t5_large(out: Path) -> str:
-    """A FLAN-T5-large-shaped encoder (d_model 1024, 24 layers, 16 heads, d_ff 2816, gated GELU) with
-    random weights and the ByT5 tokenizer, in bf16, saved with save_pretrained: loaded by the job
-    exactly as a real FLAN-T5-large folder. The encoder's cost depends on its shape and the prompt
-    length (256, padded), not on the vocabulary."""
+    """A FLAN-T5-large-shaped encoder (d_model 1024, 24 layers, 16 heads, d_ff 2816) with random
+    weights and the ByT5 tokenizer, in bf16, saved with save_pretrained: loaded by the job exactly as
+    a real FLAN-T5-large folder. Its cost depends on its shape and the prompt length (256, padded),
+    not on the vocabulary."""
     import torch
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-    tokenizer = ByT5Tokenizer()
-    config = T5Config(vocab_size=len(tokenizer), d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
-                      feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
-    torch.manual_seed(0)
-    T5EncoderModel(config).to(torch.bfloat16).eval().save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    from model.text_encoder import build_tiny_t5
+
+    return str(build_tiny_t5(out, d_model=1024, num_layers=24, num_heads=16, d_ff=2816, dtype=torch.bfloat16))
 
 
 class GpuMonitor:
@@ -119,7 +114,7 @@ class GpuMonitor:
             self.thread.join(timeout=5)
 
     def window(self, t0: float | None, t1: float | None) -> dict:
-        """Utilisation (median, share of samples under 50%) and peak memory between t0 and t1."""
+        """Utilisation between t0 and t1 (median, share of samples under 50%) and the run's peak memory."""
         inside = [(u, m) for t, u, m in self.rows if t0 is not None and t1 is not None and t0 <= t <= t1]
         if not inside:
             return {}
@@ -128,15 +123,13 @@ class GpuMonitor:
                 "gpu_samples": len(utils), "gpu_mem_max_mib": max(m for _, _, m in self.rows)}
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float, env: dict | None = None,
-               stamps: dict | None = None) -> tuple[int, float, str]:
+def run_logged(cmd: list[str], log: Path, timeout: float, stamps: dict | None = None) -> tuple[int, float, str]:
     """Run `cmd`, echo and keep its output; (exit status, wall seconds, output). With `stamps`, the
     arrival time (perf_counter) of each `[train] step N` line is kept there by step."""
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         for line in proc.stdout:

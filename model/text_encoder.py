@@ -143,9 +143,10 @@ def word_tokenizer(words):
 
 
 def build_tiny_t5(out_dir: str | Path, d_model: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0,
-                  words=None) -> Path:
+                  words=None, d_ff: int | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """A small random T5 encoder, saved with save_pretrained: with the byte-level ByT5 tokenizer, or
-    with `word_tokenizer(words)` when `words` is given.
+    with `word_tokenizer(words)` when `words` is given. `d_ff` defaults to 2 x d_model; any shape works
+    (benchmarks/gpu_job.py builds a FLAN-T5-large-shaped one in bf16).
 
     Stands in for FLAN-T5 where no weights can be downloaded (tests, the embedded default); it is
     loaded by `FrozenT5` exactly as a real checkpoint is.
@@ -155,12 +156,12 @@ def build_tiny_t5(out_dir: str | Path, d_model: int = 64, num_layers: int = 2, n
     out_dir = Path(out_dir)
     tokenizer = ByT5Tokenizer() if words is None else word_tokenizer(words)
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_model * 2,
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff or d_model * 2,
         num_layers=num_layers, num_heads=num_heads, feed_forward_proj="gated-gelu",
         dropout_rate=0.0, is_encoder_decoder=False, use_cache=False,
     )
     torch.manual_seed(seed)
-    model = T5EncoderModel(config).eval()
+    model = T5EncoderModel(config).to(dtype).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

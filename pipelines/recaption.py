@@ -121,9 +121,7 @@ class Captioner:
             dtype = "bfloat16" if self.device == "cuda" else "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"recaption dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-        if cache not in ("dynamic", "static"):
-            raise ValueError(f"recaption cache must be dynamic or static, got {cache!r}")
-        # transformers' name for it; None keeps generate()'s default (a dynamic cache).
+        # transformers' name for it (RecaptionConfig checks the value); None keeps generate()'s default.
         self.cache_implementation = "static" if cache == "static" else None
         self.processor = AutoProcessor.from_pretrained(model)
         # Decoder-only generation over a padded batch needs the padding on the left.

@@ -5,7 +5,6 @@ a real S3 server on loopback."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import threading
 import time
