@@ -171,20 +171,61 @@ def import_deepspeed():
     own metrics, which this project never runs): 1.3 CPU-seconds in every worker process that builds
     an engine, a third of DeepSpeed's import. MLflow is hidden only while DeepSpeed loads (a None in
     sys.modules makes `import mlflow` raise ImportError); the tracker in jobs/train/tracking.py
-    imports it normally afterwards."""
+    imports it normally afterwards. DeepSpeed's Muon kernels, which every engine imports, load
+    without TorchInductor (below)."""
     import sys
 
-    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        import deepspeed
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None            # type: ignore[assignment]
+        try:
+            import deepspeed
+        finally:
+            if sys.modules.get("mlflow", 0) is None:
+                del sys.modules["mlflow"]
+    import deepspeed
 
-        return deepspeed
-    sys.modules["mlflow"] = None            # type: ignore[assignment]
-    try:
-        import deepspeed
-    finally:
-        if sys.modules.get("mlflow", 0) is None:
-            del sys.modules["mlflow"]
+    import_muon_compiling_on_first_call()
     return deepspeed
+
+
+MUON = "deepspeed.runtime.zero.muon.original_muon"
+
+
+def import_muon_compiling_on_first_call() -> None:
+    """Import DeepSpeed's Muon kernels with each `torch.compile` applied at its first call instead of at import.
+
+    DeepSpeed 0.19 imports this module in every engine (ZeRO-3's constructor, ZeRO-1/2's gradient
+    reduction, the BF16 optimiser: it checks for its Muon optimiser), and the module wraps three
+    functions in `torch.compile` as it loads (`deepspeed.runtime.compiler.compile()`), which imports
+    TorchInductor: 1.1-1.4 CPU-s in every Train worker, for kernels that run only with DeepSpeed's Muon
+    optimiser, which this project never builds. torch.compile does its work at a function's first
+    call either way, so deferring the wrapping changes nothing else; should a Muon kernel ever run,
+    it is compiled then with the same arguments. Written here because DeepSpeed has no setting for it."""
+    import functools
+    import sys
+
+    if MUON in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    deepspeed_compile = compiler.compile
+
+    def compile_on_first_call(fn):
+        compiled = None
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = deepspeed_compile()(fn)      # torch.compile(fn), as DeepSpeed's decorator does
+            return compiled(*args, **kwargs)
+        return call
+
+    compiler.compile = lambda: compile_on_first_call
+    try:
+        __import__(MUON)
+    finally:
+        compiler.compile = deepspeed_compile
 
 
 def skip_cpu_shm_kernel(device: torch.device) -> None:

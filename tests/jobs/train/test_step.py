@@ -24,6 +24,7 @@ VARIANTS = [(False, 2, 0), (True, 1, 0), (True, 2, 0), (False, 2, 2), (False, 3,
 def _steps(variants, queue) -> None:
     """Three steps of each variant's engine in this (child) process, one after the other: the
     imports, the gloo group and the compile caches are paid once."""
+    import sys
     import warnings
 
     import torch
@@ -64,7 +65,22 @@ def _steps(variants, queue) -> None:
             state = {k: v.numpy() for k, v in full_state(engine)[0].items()}   # consolidated fp32 weights
             out[(compile_, stage, micro_batch)] = (losses, state, compiled, norms)
             engine.destroy()
+            out.setdefault("inductor after each engine", []).append("torch._inductor.compile_fx" in sys.modules)
     out["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in shown})
+    # DeepSpeed's Muon kernels (imported by every engine) are compiled at their first call: torch.compile
+    # gets the plain function then, and the result is the function's own.
+    from deepspeed.runtime.zero.muon import original_muon
+
+    newton_schulz, compiled_fns = original_muon.zeropower_via_newtonschulz5, []
+    real_compile = torch.compile
+    torch.compile = lambda fn: compiled_fns.append(fn) or fn
+    try:
+        g = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+        result = newton_schulz(g, steps=3)
+        newton_schulz(g, steps=3)
+    finally:
+        torch.compile = real_compile
+    out["muon"] = (compiled_fns == [newton_schulz.__wrapped__], torch.equal(result, newton_schulz.__wrapped__(g, steps=3)))
     queue.put(out)
 
 
@@ -107,6 +123,16 @@ def test_steps_raise_no_deprecation_from_deepspeeds_gathers(engines):
     # DeepSpeed's ZeRO gathers through torch's deprecated all_gather_into_tensor; build_engine keeps
     # that FutureWarning out of every worker's log (the child records every warning its engines raise).
     assert not [w for w in engines["warnings"] if "all_gather_into_tensor" in w], engines["warnings"]
+
+
+def test_an_eager_engine_leaves_torchinductor_unloaded_and_muon_compiles_at_first_call(engines):
+    # The first engine is eager (ZeRO-2): building it and stepping loaded DeepSpeed's Muon module
+    # without TorchInductor (jobs/train/step.py, import_muon_compiling_on_first_call); the compiled
+    # variants after it load TorchInductor themselves.
+    assert VARIANTS[0] == (False, 2, 0)
+    assert engines["inductor after each engine"] == [False, True, True, True, True]
+    compiled_once, same_result = engines["muon"]
+    assert compiled_once and same_result
 
 
 def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch(engines):
