@@ -1,6 +1,8 @@
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -26,11 +28,20 @@ def _cfg(tmp_path, ckpt, **kw):
                           sampler=SamplerSection(sampler="euler", steps=2, cfg_scale=2.0), **kw)
 
 
-def test_generate_writes_shards_and_resumes(ray_session, tmp_path, ckpt):
-    cfg = _cfg(tmp_path, ckpt)
-    stats = generate_images(cfg)
+@pytest.fixture(scope="module")
+def local_run(ray_session, tmp_path_factory, ckpt):
+    """One local run of the module's settings: (its folder, what it returned). The resume test works
+    on a copy; the S3 test compares its shards with these."""
+    cfg = _cfg(tmp_path_factory.mktemp("local"), ckpt)
+    return cfg, generate_images(cfg)
+
+
+def test_generate_writes_shards_and_resumes(local_run, tmp_path, ckpt):
+    first, stats = local_run
     assert stats["images"] == 10 and stats["generated"] == 10 and stats["images_per_s"] > 0
     out = tmp_path / "out"
+    shutil.copytree(first.out, out)
+    cfg = replace(first, out=str(out))
     assert sorted(p.name for p in out.glob("shard-*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
     assert manifest.verify(str(out)) == []
     rows = load_generated(str(out))
@@ -53,8 +64,7 @@ def test_generate_writes_shards_and_resumes(ray_session, tmp_path, ckpt):
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")} == before
 
     # Other settings into the same folder are refused, not mixed.
-    other = _cfg(tmp_path, ckpt)
-    other.sampler.cfg_scale = 5.0
+    other = replace(cfg, sampler=replace(cfg.sampler, cfg_scale=5.0))
     with pytest.raises(ValueError, match="other settings"):
         generate_images(other)
 
@@ -79,7 +89,7 @@ def test_read_prompts_errors(tmp_path):
         read_prompts(str(tmp_path / "bad.jsonl"))
 
 
-def test_generate_to_s3_rides_out_an_outage(ray_session, s3_server, s3_faults, tmp_path, ckpt, capfd):
+def test_generate_to_s3_rides_out_an_outage(ray_session, s3_server, s3_faults, tmp_path, ckpt, local_run, capfd):
     """Shards written by the sampling actors ride out the tests' outage of SlowDown (OUTAGE, within the retry budget) and
     hold the same images as a local run; no multipart upload or stray object is left."""
     from pipelines import storage
@@ -97,8 +107,7 @@ def test_generate_to_s3_rides_out_an_outage(ray_session, s3_server, s3_faults, t
     assert line in stderr_with(capfd, line)
     print(recovered)
     assert manifest.verify(out) == [] and manifest.strays(out) == [] and storage.open_uploads(out) == []
-    local = _cfg(tmp_path, ckpt)
-    generate_images(local)
+    local, _ = local_run
     assert [(s.path, s.sha256) for s in manifest.read(out).shards] == [(s.path, s.sha256) for s in manifest.read(local.out).shards]
 
 
