@@ -12,8 +12,11 @@ storage_path) continues from the newest one, with any number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 from jobs.train.checkpoints import STATE_NAME, check_resume, newest_checkpoint, resume_checkpoint, weights_folder
@@ -204,7 +207,8 @@ def main(cfg: TrainConfig):
     init_ray(min_cpus=run_cpus(cfg))
     print(describe(cfg, prepared.index), flush=True)
     try:
-        return trainer_for(cfg, prepared).fit()
+        with caller_sigint_handler():
+            return trainer_for(cfg, prepared).fit()
     finally:
         # pyarrow uploads checkpoint files in multipart uploads and leaves them open when a connection
         # drops; once the run's own uploads are over, none under its folder is still wanted.
@@ -213,6 +217,22 @@ def main(cfg: TrainConfig):
                 storage.abort_uploads(storage.join(cfg.storage_path, cfg.name))
             except retry.StorageUnavailable as err:        # the run's own outcome matters more
                 print(f"[train] unfinished uploads not swept: {err}", flush=True)
+
+
+@contextlib.contextmanager
+def caller_sigint_handler():
+    """Give the caller its own Ctrl+C handler back once `fit()` returns.
+
+    In the main thread Ray Train's `fit()` installs a SIGINT handler that aborts the run, and leaves
+    it installed: its closure holds the run's controller actor, so after a run in a Python session
+    the controller (and its dataset manager) stayed alive until the next run, and Ctrl+C only asked
+    the finished run to abort instead of raising KeyboardInterrupt. During the run it stays Ray's."""
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run(cfg: TrainConfig) -> int:

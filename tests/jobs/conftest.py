@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+import time
 
 import pytest
 
@@ -40,8 +42,24 @@ def reference_run(ray_session, squares, runs, s3_server):
 
     cfg = tiny(runs, squares, "ref", "scaling.num_workers=1", "data.partitions=2", "optim.steps=3",
                "data.decode_actors=1", "storage_path=s3://test-bucket/runs")
+    sigint = signal.getsignal(signal.SIGINT)
     result = main(cfg)
-    return {"result": result, "steps": copy.deepcopy(trace(runs / "trace" / "ref")), "cfg": cfg}
+    return {"result": result, "steps": copy.deepcopy(trace(runs / "trace" / "ref")), "cfg": cfg,
+            "sigint_kept": signal.getsignal(signal.SIGINT) is sigint, "controllers_left": live_actors("TrainController")}
+
+
+def live_actors(class_name: str, wait_s: float = 30) -> int:
+    """How many actors of `class_name` are alive on the session's Ray once those ending have ended
+    (waiting up to `wait_s`)."""
+    import ray._private.state
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [a for a in ray._private.state.actors().values()
+                 if a.get("ActorClassName") == class_name and a.get("State") == "ALIVE"]
+        if not alive or time.monotonic() > deadline:
+            return len(alive)
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ from tests.jobs.train.fixtures import (G, assert_no_repeats_no_gaps, latest, ste
 
 def test_reference_run_checkpoints_to_s3(reference_run):
     assert reference_run["result"].error is None
+    # The run ended whole: Ctrl+C is the caller's again, and no Train controller outlives its run.
+    assert reference_run["sigint_kept"] and reference_run["controllers_left"] == 0
     s3_ckpts = [p for p in storage.list_files("s3://test-bucket/runs/ref", recursive=True) if p.endswith("train_state.json")]
     assert s3_ckpts and json.loads(storage.read_bytes(s3_ckpts[-1]))["step"] == 3
     assert sorted(reference_run["steps"]) == [0, 1, 2]
