@@ -3,7 +3,9 @@
 (a) the same DeepSpeed step (debug model, same batch) in a plain process vs inside a Ray Train
     worker -> the overhead ratio; (b) 512px decode + resize + centre-crop images/s per CPU core
     at steady state through our Ray Data stages vs a plain PyTorch DataLoader over the same
-    Parquet shards in the same recorded order, with the row-group reads each needs.
+    Parquet shards in the same recorded order, with the row-group reads each needs; (c) torch's
+    AdamW fused kernel vs its per-tensor loop on the CPU, over the demo model's parameters as one
+    flat fp32 tensor (what the optimiser steps under ZeRO-1/2) and as separate tensors (ZeRO-3).
 The GPU step (B/16, 512px, bf16, MFU) is benchmarks/gpu_bench.py, run on a GPU box.
 """
 
@@ -254,20 +256,65 @@ def bench_ingest(n: int = 3072, cpus: int = 2, rounds: int = 2) -> dict:
     return {"ray": med["ray"], "loader": med["loader"], "ratio": ratio, "group_reads": reads}
 
 
+ADAMW_MODEL = dict(preset="debug", overrides={"depth": 6, "patch_size": 8})     # the demo's model
+
+
+def bench_adamw(rounds: int = 3, steps: int = 30) -> dict:
+    """(c): ms per AdamW step, fused vs torch's per-tensor (single-tensor) loop, one thread,
+    alternating rounds (median); the optimiser jobs/train/step.py builds is the fused one."""
+    import statistics
+
+    import torch
+
+    from jobs.train.step import ModelConfig
+    from model.mmjit import MMJiT
+
+    torch.set_num_threads(1)
+    params = [p.detach() for p in MMJiT(ModelConfig(**ADAMW_MODEL).build(64, 64)).parameters()]
+    layouts = {"flat": [torch.cat([p.reshape(-1) for p in params])], "per tensor": params}
+
+    def ms_per_step(tensors: list, fused: bool) -> float:
+        ps = [torch.nn.Parameter(t.clone()) for t in tensors]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.95), **({"fused": True} if fused else {"foreach": False}))
+        for _ in range(3):
+            opt.step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        return (time.perf_counter() - t0) / steps * 1000
+
+    out = {}
+    print(f"(c) AdamW step on the CPU, demo model ({sum(p.numel() for p in params):,} parameters), 1 thread, "
+          f"median of {rounds} alternating rounds of {steps} steps:")
+    for name, tensors in layouts.items():
+        times = {"loop": [], "fused": []}
+        for _ in range(rounds):
+            for kind in times:
+                times[kind].append(ms_per_step(tensors, kind == "fused"))
+        loop, fused = statistics.median(times["loop"]), statistics.median(times["fused"])
+        out[name] = {"loop_ms": loop, "fused_ms": fused, "ratio": fused / loop}
+        print(f"    {name:10s} per-tensor loop {loop:6.2f} ms   fused {fused:6.2f} ms   ratio {fused / loop:.2f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="minit2i bench train")
     p.add_argument("--images", type=int, default=3072, help="rows of 512px JPEGs for the ingest benchmark")
     p.add_argument("--rounds", type=int, default=2, help="alternating ingest rounds (median reported)")
-    p.add_argument("--only", choices=["step", "ingest"], help="run one of the two")
+    p.add_argument("--only", choices=["step", "ingest", "adamw"], help="run one of the three")
     args = p.parse_args(argv or [])
     # Ray starts its worker processes at niceness 15 (RAY_worker_niceness) so its own daemons stay
     # responsive; the plain-process and DataLoader sides run at 0. On a shared machine that alone
     # hands Ray's side less CPU, so the local Ray instance started here runs its workers at 0 too.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    if args.only != "ingest":
+    if args.only in (None, "step"):
         bench_step()
-    if args.only != "step":
+    if args.only in (None, "ingest"):
         bench_ingest(n=args.images, rounds=args.rounds)
+    if args.only in (None, "adamw"):
+        bench_adamw()
     return 0
 
 

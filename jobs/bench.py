@@ -11,7 +11,7 @@ import importlib
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "fetch": ("benchmarks.bench_fetch", "our fetch vs plain img2dataset on a loopback server: images/s and ratio"),
-    "train": ("benchmarks.bench_train", "Ray Train + DeepSpeed step vs plain process; Ray Data ingest vs DataLoader"),
+    "train": ("benchmarks.bench_train", "Ray Train + DeepSpeed step vs plain process; Ray Data ingest vs DataLoader; fused vs looped AdamW"),
     "index": ("benchmarks.bench_index", "the training data Index at CC12M scale: pickled size, order and plan time"),
     "join": ("benchmarks.bench_caption_join", "the streamed LLaVA caption join: peak memory vs caption file size"),
     "weights": ("benchmarks.bench_weights", "import, load and export of a B/16-sized released folder (random weights)"),
