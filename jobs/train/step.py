@@ -411,11 +411,19 @@ def load_moments(engine, moments: dict[str, torch.Tensor], step: int) -> None:
 
     zero = engine.optimizer
     inner = zero.optimizer                                    # the torch AdamW over flat fp32 partitions
-    # torch's AdamW creates its state lazily on the first step; create it now so it can be filled.
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            inner.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
-                                 "exp_avg_sq": torch.zeros_like(flat)}
+    if engine.zero_optimization_stage() == 3:
+        # ZeRO-3 hands its flat partitions to the torch optimiser only while it steps; between steps
+        # (and in a new engine) the optimiser's parameter groups are empty.
+        flats = [(inner.param_groups[zero.sub_group_to_group_id[i]], flat) for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+    else:
+        flats = [(group, flat) for group in inner.param_groups for flat in group["params"]]
+    # torch's AdamW creates its state lazily on the first step; create it now so it can be filled,
+    # laid out as torch would: the fused (and capturable) kernels keep the step count on the
+    # partition's device, the per-tensor loop on the CPU.
+    for group, flat in flats:
+        on_device = group.get("fused") or group.get("capturable")
+        inner.state[flat] = {"step": torch.tensor(float(step), dtype=torch.float32, device=flat.device if on_device else "cpu"),
+                             "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
     if engine.zero_optimization_stage() < 3:
         # ZeRO-1/2 link each parameter's fragment to the state tensors after the first step; do it now.
         for i, _ in enumerate(inner.param_groups):

@@ -30,7 +30,7 @@ def _steps(variants, queue) -> None:
     import torch
     import torch._inductor.config
 
-    from jobs.train.step import OptimConfig, TrainStep, build_engine, full_state
+    from jobs.train.step import OptimConfig, TrainStep, build_engine, full_state, load_moments
     from model.denoiser import DenoiserConfig
     from model.mmjit import MMJiT, preset
 
@@ -62,8 +62,31 @@ def _steps(variants, queue) -> None:
                 norms.append(step.grad_norm())                             # before clipping: sees how gradients were scaled
             compiled = getattr(engine, "is_compiled", False)
             assert engine.gradient_accumulation_steps() == 4 // (micro_batch or 4)
-            state = {k: v.numpy() for k, v in full_state(engine)[0].items()}   # consolidated fp32 weights
+            weights_now, moments = full_state(engine)
+            state = {k: v.numpy() for k, v in weights_now.items()}             # consolidated fp32 weights
             out[(compile_, stage, micro_batch)] = (losses, state, compiled, norms)
+            # A resume's optimiser state: a new engine of the same settings filled by load_moments,
+            # as a restarted worker's is. Its state is laid out as torch's own steps left this one's,
+            # holds the moments that went in (other values than this engine's, so a fill that went
+            # astray cannot pass), and full_state reads them back.
+            def layout(e):
+                return sorted((k, str(v.dtype), v.device.type, tuple(v.shape))
+                              for s in e.optimizer.optimizer.state.values() for k, v in s.items())
+
+            def totals(e):
+                return {k: sum(float(s[k].double().sum()) for s in e.optimizer.optimizer.state.values()) for k in ("exp_avg", "exp_avg_sq")}
+
+            own, target = layout(engine), {k: v * 2 + 1 for k, v in moments.items()}
+            engine.destroy()
+            engine, _ = build_engine(cfg, optim, 4, torch.device("cpu"), weights)
+            load_moments(engine, target, 3)
+            filled, again = totals(engine), full_state(engine)[1]
+            out.setdefault("moments reloaded", []).append((
+                own == layout(engine),
+                all(abs(filled[k] - sum(float(v.double().sum()) for n, v in target.items() if n.startswith(k + "/"))) < 1e-6 * (1 + abs(filled[k]))
+                    for k in filled),
+                again.keys() == target.keys() and all(torch.equal(again[n], target[n]) for n in target),
+                sorted({float(s["step"]) for s in engine.optimizer.optimizer.state.values()})))
             engine.destroy()
             out.setdefault("inductor after each engine", []).append("torch._inductor.compile_fx" in sys.modules)
     out["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in shown})
@@ -133,6 +156,14 @@ def test_an_eager_engine_leaves_torchinductor_unloaded_and_muon_compiles_at_firs
     assert engines["inductor after each engine"] == [False, True, True, True, True]
     compiled_once, same_result = engines["muon"]
     assert compiled_once and same_result
+
+
+def test_resumed_adam_state_is_laid_out_as_torchs_own_and_reads_back(engines):
+    # Every variant (ZeRO 1, 2 and 3, compiled or not; the optimiser is torch's fused AdamW): a new
+    # engine filled by load_moments with other moments than three steps left has its state laid out
+    # as torch's steps lay it out (dtypes, devices, shapes), holds those moments, and full_state
+    # reads them back exactly.
+    assert engines["moments reloaded"] == [(True, True, True, [3.0])] * len(VARIANTS)
 
 
 def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch(engines):
